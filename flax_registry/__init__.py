@@ -1,0 +1,45 @@
+"""flax_registry: PyTorch's module-state contract for Flax.
+
+Parameters (learnable, saved) live in the `params` collection, buffers (saved, never learned;
+`persistent=False`: not saved either) in `buffers`, and every variable has its PyTorch
+`state_dict` name.
+"""
+
+from ._apply import abstract_variables as abstract_variables
+from ._apply import apply as apply
+from ._apply import init_variables as init_variables
+from ._parameter import Parameter as Parameter
+from .module import Module as Module
+from .state import IncompatibleKeys as IncompatibleKeys
+from .state import buffers as buffers
+from .state import get_buffer as get_buffer
+from .state import get_parameter as get_parameter
+from .state import get_submodule as get_submodule
+from .state import load_state_dict as load_state_dict
+from .state import named_buffers as named_buffers
+from .state import named_modules as named_modules
+from .state import named_parameters as named_parameters
+from .state import parameters as parameters
+from .state import state_dict as state_dict
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IncompatibleKeys",
+    "Module",
+    "Parameter",
+    "__version__",
+    "abstract_variables",
+    "apply",
+    "buffers",
+    "get_buffer",
+    "get_parameter",
+    "get_submodule",
+    "init_variables",
+    "load_state_dict",
+    "named_buffers",
+    "named_modules",
+    "named_parameters",
+    "parameters",
+    "state_dict",
+]
