@@ -49,8 +49,16 @@ def _check_name(module: Module, name: Any, what: str) -> None:
         raise KeyError(f'{what} name can\'t contain "."')
     if name == "":
         raise KeyError(f'{what} name can\'t be empty string ""')
-    if registry_of(module).owns(name) or hasattr(module, name):
+    if registry_of(module).owns(name) or (hasattr(module, name) and not _is_argument(module, name)):
         raise KeyError(f"attribute '{name}' already exists")
+
+
+def _is_argument(module: nn.Module, name: str) -> bool:
+    """A constructor argument (dataclass field) may share its name with a tensor, as torch's
+    `Linear(bias=True)` registers a parameter `bias`; `self.bias` then stays the argument and
+    `self.get_parameter("bias")` reads the tensor."""
+    field = module.__dataclass_fields__.get(name)  # type: ignore[attr-defined]
+    return field is not None and field.init and name not in ("name", "parent")
 
 
 def registry_of(module: nn.Module) -> Registry:
@@ -377,14 +385,25 @@ class Module(nn.Module):
         return state.get_submodule_of(self, target)
 
     def get_parameter(self, target: str) -> jax.Array:
-        from . import state
-
-        return state.get_parameter_of(self, target)
+        """The parameter at dotted `target`, as `torch.nn.Module.get_parameter`; for a local
+        name, the fast way to read a tensor inside `__call__` (also when a constructor
+        argument of the same name shadows `self.<name>`)."""
+        return self._get_tensor(target, "parameters", "an nn.Parameter")
 
     def get_buffer(self, target: str) -> jax.Array:
+        """The buffer at dotted `target`, as `torch.nn.Module.get_buffer` (see get_parameter)."""
+        return self._get_tensor(target, "buffers", "a buffer")
+
+    def _get_tensor(self, target: str, kind: str, what: str) -> Any:
+        if "." not in target:
+            self._try_setup()
+            slot = getattr(registry_of(self), kind).get(target)
+            if slot is not None:
+                return _read(self, slot)
         from . import state
 
-        return state.get_buffer_of(self, target)
+        getter = state.get_parameter_of if kind == "parameters" else state.get_buffer_of
+        return getter(self, target)
 
     def load_state_dict(
         self, state_dict: Mapping[str, Any], strict: bool = True
