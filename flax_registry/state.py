@@ -96,12 +96,18 @@ def _state_entries(node: Node, prefix: str) -> Iterator[tuple[str, Any, Any]]:
 def _get_node(node: Node, target: str) -> Node:
     if target == "":
         return node
-    current = node
-    for item in target.split("."):
-        children = dict(current.children)
-        if item not in children:
-            raise AttributeError(f"{current.type_name} has no attribute `{item}`")
-        current = children[item]
+    current, rest = node, target
+    while rest:
+        # A child of a list attribute has a dotted local name ("heads.1"): longest match wins.
+        match = max(
+            (name for name, _ in current.children if rest == name or rest.startswith(name + ".")),
+            key=len,
+            default=None,
+        )
+        if match is None:
+            raise AttributeError(f"{current.type_name} has no attribute `{rest.split('.')[0]}`")
+        current = dict(current.children)[match]
+        rest = rest[len(match) + 1 :]
     return current
 
 
@@ -111,6 +117,9 @@ def _get_member(node: Node, target: str, kind: str, what: str) -> Any:
     for member, _, value in getattr(owner, kind):
         if member == name:
             return value
+    known = [n for n, _, _ in owner.parameters + owner.buffers] + [n for n, _ in owner.children]
+    if name not in known and not (owner.module is not None and hasattr(owner.module, name)):
+        raise AttributeError(f"{owner.type_name} has no attribute `{name}`")
     raise AttributeError(f"`{name}` is not {what}")
 
 
@@ -309,7 +318,20 @@ def load_state_dict(
     new_variables = _copy_dicts(variables)
     for slot, value in updates:
         _set(new_variables, slot.collection, slot.path, value)
+    _drop_abstract_non_persistent(new_variables, module)
     return new_variables, IncompatibleKeys(missing, unexpected)
+
+
+def _drop_abstract_non_persistent(variables: dict[str, Any], module: nn.Module) -> None:
+    """Abstract non-persistent buffers are dropped: apply recomputes them from their initial
+    value, as PyTorch's `__init__` does (they are never in a state_dict)."""
+    for _, node in _named_modules(_tree(module, variables), None, "", True):
+        for _, slot, value in node.buffers:
+            if not slot.persistent and isinstance(value, jax.ShapeDtypeStruct):
+                parent = variables[slot.collection]
+                for part in slot.path[:-1]:
+                    parent = parent[part]
+                del parent[slot.path[-1]]
 
 
 def _cast(value: Any, dtype: Any) -> jax.Array:
