@@ -16,7 +16,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from ._registry import PARAMS, Slot
+from ._registry import PARAMS, Kind, Slot
 
 # Flax's own layers create their variables in this order; after `jax.jit` the dicts come back
 # sorted, so a known layer gets its definition order back from this table.
@@ -115,7 +115,7 @@ class _Builder:
                 slot_path = (*node.path, key)
                 if (collection, slot_path) in known:
                     continue
-                kind = "parameter" if collection == PARAMS else "buffer"
+                kind: Kind = "parameter" if collection == PARAMS else "buffer"
                 slot = Slot(key, kind, collection, slot_path)
                 (node.parameters if kind == "parameter" else node.buffers).append(
                     (key, slot, value)

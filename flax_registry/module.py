@@ -135,7 +135,7 @@ class Module(nn.Module):
             self._raise_missing("parameter", name, PARAMS)
         self.param(name, param.initial_value)
         registry.parameters[name] = Slot(
-            name, "parameter", PARAMS, (*self.scope.path, name), trainable=param.trainable
+            name, "parameter", PARAMS, (*self._path(), name), trainable=param.trainable
         )
 
     def register_buffer(
@@ -167,7 +167,7 @@ class Module(nn.Module):
                 "(array, initializer or None required)"
             )
         init = self._buffer_init(tensor, shape, dtype)
-        slot = Slot(name, "buffer", BUFFERS, (*self.scope.path, name), persistent=persistent)
+        slot = Slot(name, "buffer", BUFFERS, (*self._path(), name), persistent=persistent)
         registry.buffers[name] = slot
         if self.is_initializing() or self.has_variable(BUFFERS, name):
             self.variable(BUFFERS, name, init)
@@ -201,6 +201,10 @@ class Module(nn.Module):
             return tensor
         return lambda: tensor(self.make_rng(PARAMS), tuple(shape), dtype or jnp.float32)
 
+    def _path(self) -> tuple[str, ...]:
+        assert self.scope is not None, "registration needs a bound module (it runs in setup)"
+        return tuple(self.scope.path)
+
     def _require_setup(self, what: str, name: str) -> None:
         if not self._state.in_setup:
             raise RuntimeError(_OUTSIDE_SETUP.format(what=what, name=name, cls=type(self).__name__))
@@ -222,7 +226,8 @@ class Module(nn.Module):
 
     def _tied_source(self, name: str, param: Parameter) -> Slot | None:
         """The source slot when an ancestor tied this parameter to another one."""
-        relative, module = name, self
+        relative = name
+        module: nn.Module = self
         while isinstance(module.parent, nn.Module):
             parent = module.parent
             registry = registry_of(parent)
@@ -327,7 +332,7 @@ class Module(nn.Module):
         creates all of its tensors)."""
         if isinstance(method, str):
             method = getattr(self, method)
-        fn = _get_unbound_fn(method if method is not None else self.__call__)
+        fn = _get_unbound_fn(method if callable(method) else self.__call__)
 
         def run_and_setup_all(module: nn.Module, *a: Any, **k: Any) -> Any:
             out = fn(module, *a, **k)

@@ -36,7 +36,8 @@ class IncompatibleKeys(NamedTuple):
             f"unexpected_keys={self.unexpected_keys!r})"
         )
 
-    __str__ = __repr__
+    def __str__(self) -> str:
+        return self.__repr__()
 
 
 def _tree(module: nn.Module, variables: Variables) -> Node:
