@@ -1,0 +1,25 @@
+"""Checkpoint files without PyTorch: safetensors (streaming, sharded) and torch.save zip archives.
+
+``open_checkpoint(path)`` returns a lazy, read-only ``Mapping[str, LazyTensor]``; nothing is
+read until a tensor is, pickled files go through an allowlist unpickler that never executes
+code, and every malformed file raises :class:`CheckpointError` naming the file and the fix.
+``save_safetensors`` writes one tensor at a time, atomically, optionally sharded.
+"""
+
+from ._errors import CheckpointError as CheckpointError
+from ._errors import ForbiddenGlobalError as ForbiddenGlobalError
+from ._lazy import LazyTensor as LazyTensor
+from ._reader import CheckpointReader as CheckpointReader
+from ._reader import open_checkpoint as open_checkpoint
+from ._save import parse_size as parse_size
+from ._save import save_safetensors as save_safetensors
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointReader",
+    "ForbiddenGlobalError",
+    "LazyTensor",
+    "open_checkpoint",
+    "parse_size",
+    "save_safetensors",
+]

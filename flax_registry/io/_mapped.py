@@ -1,0 +1,97 @@
+"""A read-only memory map of one file, and the protocol every checkpoint-file backend follows.
+
+Backends hand out NumPy *views* over the mapped bytes; :func:`copy_out` turns a view (or an
+indexed part of it) into a fresh, owned, C-contiguous array, so only the pages a read touches
+are ever loaded, and closing the reader never invalidates an array it returned.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import mmap
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from ._dtypes import to_native
+from ._errors import CLOSED, CheckpointError
+
+
+class TensorFile(Protocol):
+    """What :class:`~flax_registry.io.CheckpointReader` needs from one checkpoint file."""
+
+    path: Path
+
+    def keys(self) -> list[str]: ...
+
+    def shape(self, key: str) -> tuple[int, ...]: ...
+
+    def dtype(self, key: str) -> np.dtype: ...
+
+    def read(self, key: str) -> np.ndarray: ...
+
+    def read_slice(self, key: str, index: Any) -> np.ndarray: ...
+
+    def close(self) -> None: ...
+
+
+class MappedFile:
+    """A lazily opened, read-only ``mmap`` of ``path`` (nothing is mapped until the first read)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.size = path.stat().st_size
+        self._file: Any = None
+        self._mmap: mmap.mmap | None = None
+        self._closed = False
+
+    def bytes_at(self, offset: int, length: int) -> np.ndarray:
+        """A read-only uint8 view of ``length`` bytes at ``offset`` (bounds checked by callers)."""
+        if self._closed:
+            raise CheckpointError(CLOSED.format(path=self.path))
+        if length == 0:
+            return np.empty(0, dtype=np.uint8)
+        if offset < 0 or offset + length > self.size:
+            raise CheckpointError(
+                f"{self.path}: read of {length} bytes at {offset} is outside the file"
+            )
+        if self._mmap is None:
+            self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
+            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
+        return np.frombuffer(self._mmap, dtype=np.uint8, count=length, offset=offset)
+
+    def close(self) -> None:
+        """Unmap and close; arrays already returned by reads stay valid (they are copies)."""
+        self._closed = True
+        if self._mmap is not None:
+            # BufferError: a view is still referenced somewhere; GC unmaps it later.
+            with contextlib.suppress(BufferError):
+                self._mmap.close()
+            self._mmap = None
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def typed_view(raw: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """View contiguous bytes ``raw`` as an array of ``dtype`` and ``shape`` (no copy)."""
+    if raw.size == 0:
+        return np.empty(shape, dtype=dtype)
+    return raw.view(dtype).reshape(shape)
+
+
+def copy_out(view: np.ndarray, dtype: np.dtype, index: Any = None) -> np.ndarray:
+    """A fresh C-contiguous array of native ``dtype`` from ``view`` (or ``view[index]``).
+
+    Only the elements selected by ``index`` are copied, so a slice of a memory-mapped tensor
+    loads just the pages it covers.
+    """
+    part = view if index is None else view[index]
+    out = np.array(part, copy=True, order="C")
+    return to_native(out, dtype)
+
+
+def normalize_index(index: Any) -> Any:
+    """Accept ``x[1:3]`` style single indices as well as tuples (what ``__getitem__`` gets)."""
+    return index if isinstance(index, tuple) else (index,)
