@@ -60,4 +60,9 @@ class Registry:
     module_attrs: set[str] = dataclasses.field(default_factory=set)
 
     def owns(self, name: str) -> bool:
-        return name in self.parameters or name in self.buffers or name in self.module_attrs
+        return (
+            name in self.parameters
+            or name in self.buffers
+            or name in self.modules
+            or name in self.module_attrs
+        )

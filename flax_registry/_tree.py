@@ -76,6 +76,8 @@ class _Builder:
                 node.buffers.append((name, slot, _read(module, slot)))
         claimed_scopes = set()
         for name, child in registry.modules.items():
+            if child is None:  # registered as absent, as torch's register_module(name, None)
+                continue
             child_node = self.module_node(child)
             node.children.append((name, child_node))
             claimed_scopes.add(child.name)

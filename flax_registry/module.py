@@ -46,7 +46,8 @@ def _check_name(module: Module, name: Any, what: str) -> None:
     if not isinstance(name, str):
         raise TypeError(f"{what} name should be a string. Got {typename(name)}")
     if "." in name:
-        raise KeyError(f'{what} name can\'t contain "."')
+        got = f", got: {name}" if what == "module" else ""
+        raise KeyError(f'{what} name can\'t contain "."{got}')
     if name == "":
         raise KeyError(f'{what} name can\'t be empty string ""')
     if registry_of(module).owns(name) or (hasattr(module, name) and not _is_argument(module, name)):
@@ -175,6 +176,25 @@ class Module(nn.Module):
             self._raise_missing("buffer", name, BUFFERS)
         else:
             registry.fallback[name] = init()
+
+    def register_module(self, name: str, module: nn.Module | None) -> None:
+        """Add a child module under the PyTorch name `name`, as `torch.nn.Module.register_module`
+        (`add_module`).
+
+        Assigning an attribute in `setup()` does this already; this call is for names an
+        attribute cannot take: a name equal to a constructor argument (torch's
+        `TransformerEncoderLayer(dropout=0.1)` has a child `dropout`), or container children
+        named `0`, `1`, ... . A module held by a field or attribute keeps its flax scope name;
+        one not yet adopted is adopted under the flax name `_<name>`.
+        """
+        self._require_setup("module", name)
+        if module is not None and not isinstance(module, nn.Module):
+            raise TypeError(f"{typename(module)} is not a Module subclass")
+        _check_name(self, name, "module")
+        if module is not None and module.name is None:
+            super().__setattr__(f"_{name}", module)
+            module = self.__dict__[f"_{name}"]
+        registry_of(self).modules[name] = module
 
     def tie_parameters(self, target: str, source: str) -> None:
         """Make parameter `target` the same tensor as `source` (dotted names below this module).

@@ -75,6 +75,22 @@ CASES: dict[str, tuple[Callable[[Any], None], Callable[[Any], None]]] = {
             setattr(m, "w", jnp.ones(1)),
         ),
     ),
+    "module name with a dot": (
+        lambda m: m.register_module("a.b", torch.nn.Identity()),
+        lambda m: m.register_module("a.b", Empty()),
+    ),
+    "empty module name": (
+        lambda m: m.register_module("", torch.nn.Identity()),
+        lambda m: m.register_module("", Empty()),
+    ),
+    "not a module": (
+        lambda m: m.register_module("x", 3),
+        lambda m: m.register_module("x", 3),
+    ),
+    "module name taken by a buffer": (
+        lambda m: (m.register_buffer("x", None), m.register_module("x", torch.nn.Identity())),
+        lambda m: (m.register_buffer("x", None), m.register_module("x", Empty())),
+    ),
 }
 
 # Where our message must differ, it differs by the names of the types involved only.
@@ -113,6 +129,34 @@ def test_misuse_raises_torch_type_and_message(case):
     with pytest.raises(type(theirs.value)) as ours:
         fr.init_variables(Misuse(case), jax.random.key(0))
     assert str(ours.value) == expected
+
+
+def test_register_module_names_children_like_torch():
+    class TorchBlock(torch.nn.Module):
+        def __init__(self, dropout: float = 0.1) -> None:
+            super().__init__()
+            self.register_module("dropout", torch.nn.Linear(2, 2))
+            self.register_module("0", torch.nn.Linear(2, 2))
+            self.register_module("none", None)
+
+    class Lin(fr.Module):
+        def setup(self):
+            self.register_parameter("weight", fr.Parameter(nn.initializers.ones, (2, 2)))
+            self.register_parameter("bias", fr.Parameter(nn.initializers.zeros, (2,)))
+
+    class Block(fr.Module):
+        dropout: float = 0.1  # a constructor argument named like the child, as in torch
+
+        def setup(self):
+            self.register_module("dropout", Lin())
+            self.register_module("0", Lin())
+            self.register_module("none", None)
+
+    v = fr.init_variables(Block(), jax.random.key(0))
+    assert list(fr.state_dict(Block(), v)) == list(TorchBlock().state_dict())
+    assert [n for n, _ in fr.named_modules(Block(), v)] == [
+        n for n, _ in TorchBlock().named_modules()
+    ]
 
 
 def test_registration_outside_setup_is_refused():
