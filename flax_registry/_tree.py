@@ -51,6 +51,28 @@ def build_tree(bound: nn.Module) -> Node:
     return _Builder().module_node(bound)
 
 
+def _field_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Submodules passed as constructor arguments (dataclass fields), named by their field, as
+    torch names a module its `__init__` assigned to `self.<arg>`; they come before those of
+    `setup()`. A field the module names itself (a container's children) is skipped."""
+    from .module import _modules_in, registry_of
+
+    registry = registry_of(module)
+    taken = {id(child) for child in registry.modules.values()}
+    children = []
+    for field in dataclasses.fields(module):
+        if (
+            not field.init
+            or field.name in ("parent", "name")
+            or field.name in registry.module_attrs
+        ):
+            continue
+        for name, child in _modules_in(module.__dict__.get(field.name), field.name):
+            if id(child) not in taken:
+                children.append((name, child))
+    return children
+
+
 class _Builder:
     def __init__(self) -> None:
         self.memo: dict[tuple[str, ...], Node] = {}
@@ -75,7 +97,7 @@ class _Builder:
             if slot is not None:
                 node.buffers.append((name, slot, _read(module, slot)))
         claimed_scopes = set()
-        for name, child in registry.modules.items():
+        for name, child in [*_field_children(module), *registry.modules.items()]:
             if child is None:  # registered as absent, as torch's register_module(name, None)
                 continue
             child_node = self.module_node(child)

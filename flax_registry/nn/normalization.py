@@ -1,0 +1,129 @@
+"""`LayerNorm` and `GroupNorm`, the counterparts of `torch.nn.LayerNorm` / `torch.nn.GroupNorm`.
+
+Neither holds buffers nor behaves differently in training: their `__call__` accepts the
+package's `train` keyword (see `batchnorm.py`) only so that every layer can be called alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .._parameter import Parameter
+from ..module import Module
+from ._norm_functional import group_norm, layer_norm
+
+
+def _shape_list(shape: Sequence[int]) -> str:
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+class LayerNorm(Module):
+    """`torch.nn.LayerNorm`: normalise over the trailing `normalized_shape` axes with the biased
+    variance, then `* weight + bias` elementwise (`weight` ones and `bias` zeros of shape
+    `normalized_shape`; `bias=False` registers `bias` as `None`, `elementwise_affine=False`
+    both).
+
+    Differences from PyTorch: an empty `normalized_shape` raises at setup rather than at the
+    first call; `dtype` is the factory dtype of the parameters (float32 by default), and there
+    is no `device` argument. Unlike `flax.linen.LayerNorm`, the parameters are named and shaped
+    as PyTorch's and the variance is the two-pass one.
+    """
+
+    normalized_shape: int | Sequence[int]
+    eps: float = 1e-5
+    elementwise_affine: bool = True
+    bias: bool = True
+    dtype: Any = None
+
+    def setup(self) -> None:
+        shape = self._shape()
+        if not shape:
+            raise RuntimeError(
+                "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
+                "least one element, but got normalized_shape = []"
+            )
+        if self.elementwise_affine:
+            self.register_parameter("weight", Parameter(nn.initializers.ones, shape, self.dtype))
+            bias = Parameter(nn.initializers.zeros, shape, self.dtype) if self.bias else None
+            self.register_parameter("bias", bias)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def _shape(self) -> tuple[int, ...]:
+        ns = self.normalized_shape
+        return (int(ns),) if isinstance(ns, int) else tuple(int(d) for d in ns)
+
+    def __call__(self, x: Any, *, train: bool = False) -> jax.Array:
+        """Normalise `x` (`train` has no effect, as in PyTorch)."""
+        x = jnp.asarray(x)
+        shape = self._shape()
+        if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
+            raise RuntimeError(
+                f"Given normalized_shape={_shape_list(shape)}, expected input with shape "
+                f"[*, {_shape_list(shape)[1:-1]}], but got input of size{_shape_list(x.shape)}"
+            )
+        weight = self.get_parameter("weight") if self.elementwise_affine else None
+        bias = self.get_parameter("bias") if self.elementwise_affine and self.bias else None
+        return layer_norm(x, shape, weight, bias, self.eps)
+
+
+class GroupNorm(Module):
+    """`torch.nn.GroupNorm`: split the channels (axis 1 of a `(N, C, *)` input) into
+    `num_groups` groups, normalise each group of each sample with the biased variance, then
+    apply a per-channel `weight` (ones) and `bias` (zeros) when `affine` (`bias=False`
+    registers `bias` as `None`, as PyTorch's keyword-only `bias`).
+
+    Differences from PyTorch: `dtype` is the parameters' factory dtype (float32 by default) and
+    there is no `device` argument. Unlike `flax.linen.GroupNorm`, inputs are channels-first.
+    """
+
+    num_groups: int
+    num_channels: int
+    eps: float = 1e-5
+    affine: bool = True
+    dtype: Any = None
+    bias: bool = True
+
+    def setup(self) -> None:
+        if self.num_channels % self.num_groups != 0:
+            raise ValueError(
+                f"num_channels ({self.num_channels}) must be divisible by "
+                f"num_groups ({self.num_groups})"
+            )
+        n = self.num_channels
+        if self.affine:
+            self.register_parameter("weight", Parameter(nn.initializers.ones, (n,), self.dtype))
+            bias = Parameter(nn.initializers.zeros, (n,), self.dtype) if self.bias else None
+            self.register_parameter("bias", bias)
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+
+    def __call__(self, x: Any, *, train: bool = False) -> jax.Array:
+        """Normalise `x` (`train` has no effect, as in PyTorch)."""
+        x = jnp.asarray(x)
+        if x.ndim < 2:
+            raise RuntimeError(
+                f"Expected at least 2 dimensions for input tensor but received {x.ndim}"
+            )
+        channels = x.shape[1]
+        if channels % self.num_groups != 0:
+            raise RuntimeError(
+                "Expected number of channels in input to be divisible by num_groups, but got "
+                f"input of shape {_shape_list(x.shape)} and num_groups={self.num_groups}"
+            )
+        if self.affine and channels != self.num_channels:
+            raise RuntimeError(
+                "Expected weight to be a vector of size equal to the number of channels in "
+                f"input, but got weight of shape [{self.num_channels}] and input of shape "
+                f"{_shape_list(x.shape)}"
+            )
+        weight = self.get_parameter("weight") if self.affine else None
+        bias = self.get_parameter("bias") if self.affine and self.bias else None
+        return group_norm(x, self.num_groups, weight, bias, self.eps)
