@@ -12,8 +12,8 @@ import jax.numpy as jnp
 from .._parameter import Parameter
 from ..module import Module
 from . import _init
+from .dropout import dropout
 from .linear import Linear
-from .rnn import _dropout
 
 Array = jax.Array
 
@@ -178,7 +178,7 @@ class MultiheadAttention(Module):
             scores = scores + mask
         weights = jax.nn.softmax(scores, axis=-1)
         if train and self.dropout > 0:
-            weights = _dropout(self, weights, self.dropout)
+            weights = dropout(self, weights, self.dropout)
         out = jnp.einsum("nhls,nhsd->lnhd", weights, v).reshape(tgt_len, bsz, embed_dim)
         out = self.out_proj(out)
         if not batched:

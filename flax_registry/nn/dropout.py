@@ -34,10 +34,24 @@ _DROPOUT2D_3D = (
 )
 
 _NO_RNG = (
-    "{cls}(p={p}) needs random numbers in training mode (train=True) but no '{stream}' rng "
-    "was given. Pass one, e.g. fr.apply(model, variables, x, train=True, "
+    "{cls} needs random numbers for dropout (p={p}) in training mode (train=True) but no "
+    "'{stream}' rng was given. Pass one, e.g. fr.apply(model, variables, x, train=True, "
     "rngs={{'{stream}': jax.random.key(0)}}), or call with train=False for evaluation."
 )
+
+
+def dropout(module: Module, x: Array, p: float, mask_shape: tuple[int, ...] | None = None) -> Array:
+    """Inverted dropout in training mode, torch's `F.dropout(x, p, training=True)`: zero each
+    element (or each position of a broadcast `mask_shape`) with probability `p`, scale the
+    rest by `1 / (1 - p)`, drawing from `module`'s `'dropout'` rng stream."""
+    if p == 0:
+        return x
+    if p >= 1:
+        return jnp.zeros_like(x)
+    if not module.has_rng(RNG_STREAM):
+        raise ValueError(_NO_RNG.format(cls=type(module).__name__, p=p, stream=RNG_STREAM))
+    keep = jax.random.bernoulli(module.make_rng(RNG_STREAM), 1.0 - p, mask_shape or x.shape)
+    return jnp.where(keep, x * (1.0 / (1.0 - p)), jnp.zeros((), x.dtype)).astype(x.dtype)
 
 
 class _DropoutNd(Module):
@@ -68,14 +82,7 @@ class _DropoutNd(Module):
     def __call__(self, input: Any, train: bool = False) -> Array:
         x = jnp.asarray(input)
         shape = self._mask_shape(x)
-        if not train or self.p == 0:
-            return x
-        if self.p == 1:
-            return jnp.zeros_like(x)
-        if not self.has_rng(RNG_STREAM):
-            raise ValueError(_NO_RNG.format(cls=type(self).__name__, p=self.p, stream=RNG_STREAM))
-        keep = jax.random.bernoulli(self.make_rng(RNG_STREAM), 1.0 - self.p, shape)
-        return jnp.where(keep, x * (1.0 / (1.0 - self.p)), jnp.zeros((), x.dtype)).astype(x.dtype)
+        return dropout(self, x, self.p, shape) if train else x
 
 
 class Dropout(_DropoutNd):

@@ -21,9 +21,9 @@ from flax.core.scope import Scope
 
 from .._parameter import Parameter
 from ..module import Module
+from .dropout import dropout
 
 Array = jax.Array
-_DROPOUT_RNG = "dropout"
 _HIDDEN = "Expected hidden[{}] size {{}}, got {{}}"
 
 
@@ -32,21 +32,6 @@ def _uniform(bound: float) -> Callable[[Any, tuple[int, ...], Any], Array]:
         return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
-
-
-def _dropout(module: Module, x: Array, rate: float) -> Array:
-    """Inverted dropout with the module's 'dropout' rng stream (torch's F.dropout in training)."""
-    if rate >= 1.0:
-        return jnp.zeros_like(x)
-    if not module.has_rng(_DROPOUT_RNG):
-        raise ValueError(
-            f"{type(module).__name__}(dropout={rate}) needs random numbers in training mode "
-            f"(train=True) but no '{_DROPOUT_RNG}' rng was given. Pass one, e.g. "
-            "fr.apply(model, variables, x, train=True, rngs={'dropout': jax.random.key(0)}), "
-            "or call with train=False for evaluation."
-        )
-    keep = jax.random.bernoulli(module.make_rng(_DROPOUT_RNG), 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
 
 
 class _RNNBase(Module):
@@ -165,7 +150,7 @@ class _RNNBase(Module):
             for acc, s in zip(finals, last):
                 acc.append(s)
             if train and self.dropout > 0 and layer < self.num_layers - 1:
-                x = _dropout(self, x, self.dropout)
+                x = dropout(self, x, self.dropout)
         return x, [jnp.concatenate(acc) for acc in finals]
 
     def _layer(
