@@ -9,6 +9,10 @@ from ._apply import abstract_variables as abstract_variables
 from ._apply import apply as apply
 from ._apply import init_variables as init_variables
 from ._parameter import Parameter as Parameter
+from .convert import LoadReport as LoadReport
+from .convert import from_torch as from_torch
+from .convert import register_rule as register_rule
+from .convert import to_torch as to_torch
 from .module import Module as Module
 from .state import IncompatibleKeys as IncompatibleKeys
 from .state import buffers as buffers
@@ -26,12 +30,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "IncompatibleKeys",
+    "LoadReport",
     "Module",
     "Parameter",
     "__version__",
     "abstract_variables",
     "apply",
     "buffers",
+    "from_torch",
     "get_buffer",
     "get_parameter",
     "get_submodule",
@@ -41,5 +47,7 @@ __all__ = [
     "named_modules",
     "named_parameters",
     "parameters",
+    "register_rule",
     "state_dict",
+    "to_torch",
 ]

@@ -33,6 +33,10 @@ class TensorFile(Protocol):
 
     def read_slice(self, key: str, index: Any) -> np.ndarray: ...
 
+    def view(self, key: str) -> np.ndarray: ...
+
+    def release(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -60,6 +64,13 @@ class MappedFile:
             self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
             self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
         return np.frombuffer(self._mmap, dtype=np.uint8, count=length, offset=offset)
+
+    def release(self) -> None:
+        """Drop the mapped pages from this process's resident memory (`MADV_DONTNEED`); they
+        stay in the OS page cache, and a later read maps them back in."""
+        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+            with contextlib.suppress(OSError, ValueError):
+                self._mmap.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
         """Unmap and close; arrays already returned by reads stay valid (they are copies)."""
@@ -90,6 +101,14 @@ def copy_out(view: np.ndarray, dtype: np.dtype, index: Any = None) -> np.ndarray
     part = view if index is None else view[index]
     out = np.array(part, copy=True, order="C")
     return to_native(out, dtype)
+
+
+def native_view(view: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """``view`` as native-order ``dtype`` without a copy where the bytes allow it (a copy only
+    for a byte-swapped file), read-only."""
+    out = to_native(view, dtype)
+    out.flags.writeable = False
+    return out
 
 
 def normalize_index(index: Any) -> Any:

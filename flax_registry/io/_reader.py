@@ -216,6 +216,19 @@ class CheckpointReader(Mapping[str, LazyTensor]):
         """``read(key)[index]``, reading only the bytes the index selects (basic indexing)."""
         return self._owner(key).read_slice(key, index)
 
+    def view(self, key: str) -> np.ndarray:
+        """A read-only, zero-copy view of the tensor in the memory-mapped file (a copy only when
+        the file's byte order is not the machine's). Unlike `read`, it is not checksummed and
+        is valid only until `close()`: copy what you keep. Index it to touch only some pages."""
+        return self._owner(key).view(key)
+
+    def release(self) -> None:
+        """Drop the pages earlier reads and views touched from this process's resident memory
+        (they stay in the OS page cache). Streaming conversions call it after each tensor, so
+        their peak memory is the output plus what is in flight, not the whole checkpoint."""
+        for f in self._files:
+            f.release()
+
     def close(self) -> None:
         """Unmap every file. Arrays returned earlier stay valid; LazyTensors do not."""
         self._closed = True

@@ -29,7 +29,7 @@ from ._errors import (
     CheckpointError,
     missing_key_message,
 )
-from ._mapped import MappedFile, copy_out, normalize_index, typed_view
+from ._mapped import MappedFile, copy_out, native_view, normalize_index, typed_view
 
 HEADER_LIMIT = 100_000_000
 """The largest JSON header the safetensors format accepts (the Rust library's limit)."""
@@ -162,6 +162,13 @@ class SafetensorsFile:
     def read_slice(self, key: str, index: Any) -> np.ndarray:
         entry = self._entry(key)
         return copy_out(self._view(entry), entry.dtype, normalize_index(index))
+
+    def view(self, key: str) -> np.ndarray:
+        entry = self._entry(key)
+        return native_view(self._view(entry), entry.dtype)
+
+    def release(self) -> None:
+        self._map.release()
 
     def close(self) -> None:
         self._map.close()

@@ -31,7 +31,7 @@ from ._errors import (
     CheckpointError,
     missing_key_message,
 )
-from ._mapped import MappedFile, copy_out, normalize_index
+from ._mapped import MappedFile, copy_out, native_view, normalize_index
 from ._state_dict import select_state_dict
 from ._unpickler import Storage, StorageType, StoredTensor, unpickle
 
@@ -223,6 +223,14 @@ class TorchZipFile:
         t = self._get(key)
         assert t.dtype is not None
         return copy_out(self._view(t, verify=False), t.dtype, normalize_index(index))
+
+    def view(self, key: str) -> np.ndarray:
+        t = self._get(key)
+        assert t.dtype is not None
+        return native_view(self._view(t, verify=False), t.dtype)
+
+    def release(self) -> None:
+        self._map.release()
 
     def close(self) -> None:
         self._map.close()

@@ -237,3 +237,25 @@ def test_package_does_not_import_torch() -> None:
     code = "import sys, flax_registry.io; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_views_are_zero_copy_read_only_and_survive_release(tmp_path: Path, fmt: str) -> None:
+    tensors = {
+        "w": torch.randn(64, 32),
+        "t": torch.randn(8, 16).t(),  # a strided view in the torch file
+        "h": torch.randn(5, 3).to(torch.bfloat16),
+    }
+    path = tmp_path / ("m.safetensors" if fmt == "safetensors" else "m.pt")
+    if fmt == "safetensors":
+        save_file({k: v.contiguous() for k, v in tensors.items()}, path)
+    else:
+        torch.save(tensors, path)
+    with open_checkpoint(path) as reader:
+        for key in tensors:
+            view = reader.view(key)
+            assert not view.flags.writeable and not view.flags.owndata
+            bits = np.ascontiguousarray(view).view(np.uint8)
+            np.testing.assert_array_equal(bits, reader.read(key).view(np.uint8))
+            reader.release()  # pages dropped from RSS: the view still reads the same bytes
+            np.testing.assert_array_equal(view[1:3], reader.read_slice(key, (slice(1, 3),)))

@@ -1,0 +1,45 @@
+"""Checkpoint translation between PyTorch and any Flax model: `from_torch`, `to_torch`, rules.
+
+`from_torch(module, source)` loads a PyTorch `state_dict` or checkpoint file into the
+variables of a `flax_registry` module or of plain Flax code built from standard layers;
+`to_torch(module, variables)` writes the PyTorch `state_dict` back. Layer mappings are data
+(`Rule`, picked by layer type); `register_rule` adds one for a layer type of your own.
+"""
+
+from ._layout import IDENTITY as IDENTITY
+from ._layout import LINEAR as LINEAR
+from ._layout import Layout as Layout
+from ._report import LoadReport as LoadReport
+from ._rules import Fused as Fused
+from ._rules import Map as Map
+from ._rules import MultiHeadAttentionRule as MultiHeadAttentionRule
+from ._rules import Rule as Rule
+from ._rules import TorchOnly as TorchOnly
+from ._rules import conv_layout as conv_layout
+from ._rules import conv_transpose_layout as conv_transpose_layout
+from ._rules import dense_general_layout as dense_general_layout
+from ._rules import find_rule as find_rule
+from ._rules import register_rule as register_rule
+from ._rules import unregister_rule as unregister_rule
+from ._translate import from_torch as from_torch
+from ._translate import to_torch as to_torch
+
+__all__ = [
+    "IDENTITY",
+    "LINEAR",
+    "Fused",
+    "Layout",
+    "LoadReport",
+    "Map",
+    "MultiHeadAttentionRule",
+    "Rule",
+    "TorchOnly",
+    "conv_layout",
+    "conv_transpose_layout",
+    "dense_general_layout",
+    "find_rule",
+    "from_torch",
+    "register_rule",
+    "to_torch",
+    "unregister_rule",
+]

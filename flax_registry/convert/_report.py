@@ -1,0 +1,117 @@
+"""`LoadReport`: everything a conversion did not copy one-to-one, each listed by key.
+
+PyTorch's `load_state_dict` returns only `missing_keys` / `unexpected_keys`; a conversion also
+renames, casts, drops and ties keys, and a report that lists each of them is the difference
+between a checked conversion and a silent one. The report also carries what `to_torch` needs
+to write the checkpoint back exactly as it came (original names, dtypes, order and the values
+of torch-only keys such as `num_batches_tracked`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+_HINT_RENAMES = (
+    "Hint: missing and unexpected keys together usually mean different names: pass "
+    "renames={{r'^<checkpoint prefix>': '<model prefix>'}} (e.g. {{r'^module\\.': ''}} for "
+    "DataParallel). The model's first keys are {model_keys}; the checkpoint's are {source_keys}."
+)
+
+
+def _quoted(keys: list[str]) -> str:
+    return ", ".join(f'"{k}"' for k in keys)
+
+
+@dataclasses.dataclass
+class LoadReport:
+    """What `from_torch` did besides copying a tensor to the variable of the same name.
+
+    - `missing`: model keys the checkpoint lacks (an alias present counts as present);
+    - `unexpected`: checkpoint keys (after renames) the model has no place for;
+    - `shape_mismatches`: `(key, checkpoint shape, model shape)` in torch layout;
+    - `casts`: `(key, checkpoint dtype, loaded dtype)` for every tensor whose dtype changed;
+    - `tied_aliases`: `(alias, key)` pairs that are one variable (checked equal when both are
+      in the checkpoint);
+    - `skipped_nonpersistent`: non-persistent buffers (never in a state_dict; the module
+      recomputes them);
+    - `renamed`: `(checkpoint key, model key)` for every key `renames` changed;
+    - `dropped`: `(key, reason)` for checkpoint keys deliberately not loaded
+      (`num_batches_tracked`: flax BatchNorm has no counter).
+
+    `extras` (dropped values), `source_order` and `source_dtypes` let
+    `to_torch(..., report=report)` restore the checkpoint's names, dtypes and order.
+    """
+
+    cls: str = ""
+    missing: list[str] = dataclasses.field(default_factory=list)
+    unexpected: list[str] = dataclasses.field(default_factory=list)
+    shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
+        default_factory=list
+    )
+    casts: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
+    tied_aliases: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    skipped_nonpersistent: list[str] = dataclasses.field(default_factory=list)
+    renamed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
+    source_order: list[str] = dataclasses.field(default_factory=list, repr=False)
+    source_dtypes: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """True when nothing is missing, unexpected or mismatched (casts, ties and drops are
+        listed but not errors)."""
+        return not (self.missing or self.unexpected or self.shape_mismatches)
+
+    def error_lines(self) -> list[str]:
+        """PyTorch's `load_state_dict` error lines, in its order."""
+        lines = []
+        if self.missing:
+            lines.append(f"Missing key(s) in state_dict: {_quoted(self.missing)}. ")
+        if self.unexpected:
+            lines.append(f"Unexpected key(s) in state_dict: {_quoted(self.unexpected)}. ")
+        for key, theirs, ours in self.shape_mismatches:
+            lines.append(
+                f"size mismatch for {key}: copying a param with shape {theirs} from checkpoint, "
+                f"the shape in current model is {ours}."
+            )
+        return lines
+
+    def error(self, model_keys: list[str] | None = None) -> RuntimeError:
+        """The `RuntimeError` a strict load raises, in PyTorch's format."""
+        lines = self.error_lines()
+        if self.missing and self.unexpected and model_keys is not None:
+            lines.append(
+                _HINT_RENAMES.format(
+                    model_keys=_quoted(model_keys[:3]), source_keys=_quoted(self.unexpected[:3])
+                )
+            )
+        return RuntimeError(
+            f"Error(s) in loading state_dict for {self.cls}:\n\t" + "\n\t".join(lines)
+        )
+
+    def __str__(self) -> str:
+        sections = [
+            ("missing", self.missing),
+            ("unexpected", self.unexpected),
+            (
+                "shape mismatches",
+                [f"{k}: checkpoint {a}, model {b}" for k, a, b in self.shape_mismatches],
+            ),
+            ("casts", [f"{k}: {a} -> {b}" for k, a, b in self.casts]),
+            ("tied aliases", [f"{a} = {b}" for a, b in self.tied_aliases]),
+            ("skipped non-persistent buffers", self.skipped_nonpersistent),
+            ("renamed", [f"{a} -> {b}" for a, b in self.renamed]),
+            ("dropped", [f"{k} ({why})" for k, why in self.dropped]),
+        ]
+        head = f"LoadReport for {self.cls}: " + (
+            "all keys matched" if self.ok else "INCOMPLETE (see missing/unexpected/mismatches)"
+        )
+        lines = [head]
+        for title, items in sections:
+            if items:
+                lines.append(f"  {title} ({len(items)}):")
+                lines.extend(f"    {item}" for item in items)
+        return "\n".join(lines)

@@ -1,0 +1,367 @@
+"""`from_torch` / `to_torch`: PyTorch state_dicts and checkpoints into any Flax model, and back.
+
+One pure function per direction over the plan of `_walk.make_plan`. Import reads one tensor at
+a time from a lazy source, checks every name and shape before reading any data, converts the
+layout exactly and places the result (on the default device, or per device with shardings);
+export is the inverse layout, in PyTorch's `state_dict` order.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from ._dtypes import DtypePolicy, resolve_dtype
+from ._report import LoadReport
+from ._rules import Rule
+from ._sharding import ShardingSpec, Task, place_all, resolve_sharding
+from ._source import Source, open_source
+from ._walk import Entry, Plan, make_plan
+
+Renames = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str | None]
+
+_ABSTRACT_LEFT = (
+    "Error(s) in loading state_dict for {cls}:\n\tMissing key(s) in state_dict: {keys}. \n"
+    "strict=False cannot leave these variables abstract (nothing is ever filled from random "
+    "initialisation). Provide these keys, or pass concrete variables= (e.g. from {cls}.init) "
+    "whose current values should be kept."
+)
+_TIE_DIFFERS = (
+    "tied keys {a!r} and {b!r} are one variable in {cls}, but the checkpoint holds different "
+    "values for them. Fix: load only one of them (renames=... returning None drops a key), or "
+    "untie the parameters in the model."
+)
+_NOT_CONCRETE = (
+    "to_torch needs concrete variables: flax variable '{where}' (torch key '{key}') is abstract "
+    "({leaf}). Pass the variables that init / from_torch returned."
+)
+
+
+def _apply_renames(key: str, renames: Renames | None) -> str | None:
+    if renames is None:
+        return key
+    if callable(renames) and not isinstance(renames, Mapping):
+        return renames(key)
+    pairs = renames.items() if isinstance(renames, Mapping) else renames
+    for pattern, repl in pairs:
+        key = re.sub(pattern, repl, key)
+    return key
+
+
+def _tree_copy(tree: Any) -> Any:
+    if isinstance(tree, Mapping):
+        return {k: _tree_copy(v) for k, v in tree.items()}
+    return tree
+
+
+def _tree_set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
+    for part in path[:-1]:
+        tree = tree.setdefault(part, {})
+    tree[path[-1]] = value
+
+
+def _tree_get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
+    node: Any = tree
+    for part in path:
+        node = node[part]
+    return node
+
+
+def _prune(tree: Any) -> Any:
+    """Drop abstract leaves (not loaded, recomputed by the module) and empty dicts."""
+    if not isinstance(tree, Mapping):
+        return None if isinstance(tree, jax.ShapeDtypeStruct) else tree
+    out = {}
+    for k, v in tree.items():
+        pv = _prune(v)
+        if pv is not None and not (isinstance(pv, dict) and not pv):
+            out[k] = pv
+    return out
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
+
+
+def from_torch(
+    module: nn.Module,
+    source: Any,
+    *,
+    variables: Any = None,
+    example_inputs: Any = None,
+    strict: bool = True,
+    rules: Mapping[type, Rule] | None = None,
+    renames: Renames | None = None,
+    tied: Mapping[str, str] | None = None,
+    dtype: DtypePolicy = None,
+    shardings: ShardingSpec = None,
+    mesh: jax.sharding.Mesh | None = None,
+    entry: str | None = None,
+) -> tuple[dict[str, Any], LoadReport]:
+    """Load a PyTorch `state_dict` or checkpoint into `module`'s variables (all collections).
+
+    `source`: a mapping of torch names to arrays / torch tensors, or a path
+    `flax_registry.io.open_checkpoint` accepts (`.safetensors`, sharded `*.index.json`,
+    `torch.save` zip `.pt/.pth/.bin`, a directory; `entry=` names a nested state dict).
+
+    The target structure comes from abstract shapes (`jax.eval_shape`); no weights are
+    initialised. Modules that register in `setup()` (every `flax_registry` module, and flax
+    modules whose layers are `setup()` attributes) need nothing else. Compact modules (layers
+    created in `__call__`) need `example_inputs=(x,)` (the arguments `init` takes), which give
+    both the shapes and the layer types; or pass `variables=` (abstract or concrete) for the
+    shapes, plus `example_inputs` if layers are compact. With concrete `variables`, keys that
+    `strict=False` leaves unloaded keep their values there.
+
+    Keys: `flax_registry.Module`s use their registered names; flax layers map by the rule of
+    their type (see `flax_registry.convert.register_rule`), lists give `layers.0`. `renames`
+    rewrites checkpoint keys first: `{regex: replacement}` applied in order (e.g.
+    `{r"^module\\.": ""}`), or a callable returning the new key or None to drop it. `tied`
+    declares extra torch keys that alias a model key (`{"lm_head.weight": "embed.weight"}`
+    for a flax model that reuses its embedding); any alias may be present, all present ones
+    must be equal.
+
+    `dtype`: None keeps the model's dtype (cast listed in the report), "checkpoint" keeps the
+    checkpoint's, a dtype casts floating tensors, `{collection: dtype}` per collection, or a
+    callable `(key, checkpoint dtype, model dtype)`. bf16/fp16 are read as they are stored.
+
+    `shardings` / `mesh`: place each variable by its sharding, read per device from the
+    slices it needs (see `_sharding.resolve_sharding`); without them, abstract targets carrying
+    shardings and concrete `variables` keep their placement, others go to the default device.
+
+    Differences from `torch.nn.Module.load_state_dict`: returns `(variables, LoadReport)`;
+    every name, shape and tie is checked before any tensor is read, and nothing is copied when
+    it raises; `strict=True` raises in PyTorch's format for missing, unexpected and
+    size-mismatched keys, while `strict=False` returns them in the report (PyTorch raises on a
+    size mismatch even then) but still refuses to leave a variable abstract.
+    """
+    plan = make_plan(module, variables, example_inputs, rules, tied)
+    report = LoadReport(cls=plan.cls)
+    report.skipped_nonpersistent = list(plan.nonpersistent)
+    report.tied_aliases = list(plan.aliases.items())
+    with open_source(source, entry) as src:
+        chosen, missing = _match(plan, src, renames, report)
+        if strict and not report.ok:
+            raise report.error(list(plan.entries))
+        abstract = [
+            key
+            for key, e in plan.entries.items()
+            if key in missing and any(isinstance(p.leaf, jax.ShapeDtypeStruct) for p in e.parts)
+        ]
+        if abstract:
+            keys = ", ".join(f'"{k}"' for k in abstract)
+            raise RuntimeError(_ABSTRACT_LEFT.format(cls=plan.cls, keys=keys))
+        _check_ties(plan, src, {k: v for k, v in chosen.items() if k not in missing})
+        out = _tree_copy(variables) if variables is not None else {c: {} for c in plan.target}
+        tasks = [
+            task
+            for key, e in plan.entries.items()
+            if key not in missing
+            for task in _tasks(e, chosen[key][0], src, dtype, shardings, mesh, report)
+        ]
+
+        def done(task: Task, array: jax.Array) -> None:
+            _tree_set(out.setdefault(task.part.collection, {}), task.part.path, array)
+            src.release()
+
+        place_all(src, tasks, done)
+    return _prune(out), report
+
+
+def _match(
+    plan: Plan, src: Source, renames: Renames | None, report: LoadReport
+) -> tuple[dict[str, list[str]], set[str]]:
+    """Checkpoint keys for each model key (the first is loaded) and the model keys that cannot
+    load (missing or size-mismatched); fills the report's lists. Reads no tensor data except
+    the tiny torch-only values it drops."""
+    report.source_order = list(src.keys)
+    by_target: dict[str, list[str]] = {}
+    for key in src.keys:
+        report.source_dtypes[key] = str(src.dtype(key))
+        target = _apply_renames(key, renames)
+        if target is None:
+            report.dropped.append((key, "renames returned None"))
+            continue
+        if target != key:
+            report.renamed.append((key, target))
+        by_target.setdefault(target, []).append(key)
+    found: dict[str, list[tuple[str, str]]] = {}
+    for target, keys in by_target.items():
+        canonical = plan.aliases.get(target, target)
+        if canonical in plan.entries:
+            found.setdefault(canonical, []).extend((target, k) for k in keys)
+        elif target in plan.extras:
+            report.dropped.append((target, plan.extras[target][1]))
+            report.extras[target] = src.read(keys[0])
+        else:
+            report.unexpected.extend([target] * len(keys))
+    chosen: dict[str, list[str]] = {}
+    failed: set[str] = set()
+    for key, e in plan.entries.items():
+        pairs = found.get(key, [])
+        if not pairs:
+            report.missing.append(key)
+            failed.add(key)
+            continue
+        for target, k in pairs:
+            if src.shape(k) != e.torch_shape:
+                report.shape_mismatches.append((target, src.shape(k), e.torch_shape))
+                failed.add(key)
+        chosen[key] = [k for _, k in pairs]
+    return chosen, failed
+
+
+def _check_ties(plan: Plan, src: Source, chosen: dict[str, list[str]]) -> None:
+    for keys in chosen.values():
+        if len(keys) > 1:
+            first = src.read(keys[0])
+            for other in keys[1:]:
+                if not _same_bits(first, src.read(other)):
+                    raise ValueError(_TIE_DIFFERS.format(a=keys[0], b=other, cls=plan.cls))
+
+
+def _tasks(
+    e: Entry,
+    src_key: str,
+    src: Source,
+    policy: DtypePolicy,
+    shardings: ShardingSpec,
+    mesh: Any,
+    report: LoadReport,
+) -> list[Task]:
+    """What to place for one torch key (a task per flax variable); records its casts."""
+    source_dtype = src.dtype(src_key)
+    offset = 0
+    casts = set()
+    tasks = []
+    for part in e.parts:
+        dtype = resolve_dtype(
+            policy, e.key, part.collection, source_dtype, np.dtype(part.leaf.dtype)
+        )
+        if dtype != source_dtype:
+            casts.add(str(dtype))
+        sharding = resolve_sharding(shardings, mesh, e.key, part)
+        where = (e.axis, offset) if len(e.parts) > 1 else None
+        tasks.append(Task(src_key, part, where, dtype, sharding))
+        if len(e.parts) > 1:
+            offset += part.torch_shape[e.axis]
+    for to in sorted(casts):
+        report.casts.append((e.key, str(source_dtype), to))
+    return tasks
+
+
+# --- export ----------------------------------------------------------------------------------
+
+
+def _numpy_to_torch(array: np.ndarray) -> Any:
+    import torch
+
+    views = {
+        "bfloat16": (np.int16, torch.bfloat16),
+        "float8_e4m3fn": (np.uint8, torch.float8_e4m3fn),
+        "float8_e5m2": (np.uint8, torch.float8_e5m2),
+    }
+    if not array.flags.writeable:
+        array = array.copy()
+    name = array.dtype.name
+    if name in views:
+        int_type, torch_type = views[name]
+        return torch.from_numpy(array.view(int_type)).view(torch_type)
+    return torch.from_numpy(array)
+
+
+def _export(plan: Plan, e: Entry, variables: Mapping[str, Any]) -> np.ndarray:
+    pieces = []
+    for part in e.parts:
+        try:
+            leaf = _tree_get(variables[part.collection], part.path)
+        except (KeyError, TypeError):
+            raise KeyError(
+                f"to_torch: flax variable '{part.where}' (torch key '{e.key}') is not in the "
+                f"variables passed; pass the complete variables of {plan.cls}."
+            ) from None
+        if isinstance(leaf, jax.ShapeDtypeStruct):
+            raise ValueError(_NOT_CONCRETE.format(where=part.where, key=e.key, leaf=leaf))
+        pieces.append(part.layout.to_torch(np.asarray(leaf)))
+    array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=e.axis)
+    return array if array.flags.writeable else array.copy()
+
+
+def to_torch(
+    module: nn.Module,
+    variables: Mapping[str, Any],
+    *,
+    as_torch: bool = False,
+    example_inputs: Any = None,
+    rules: Mapping[type, Rule] | None = None,
+    tied: Mapping[str, str] | None = None,
+    report: LoadReport | None = None,
+) -> dict[str, Any]:
+    """The PyTorch `state_dict` of `module` with `variables`: torch keys, torch layouts, in the
+    torch model's order, accepted by `torch_model.load_state_dict(sd, strict=True)`.
+
+    Values are NumPy arrays (bfloat16/float8 as `ml_dtypes`), or torch tensors with
+    `as_torch=True` (bit-exact, bf16 included). Tied keys (a `tie_parameters` tie, or `tied=`
+    as in `from_torch`) appear under every name. Non-persistent buffers are left out, as
+    PyTorch leaves them out. Torch-only tensors are synthesised: `num_batches_tracked` is 0, a
+    fresh torch module's value. Compact modules need `example_inputs` to know layer types.
+
+    `report=` (the one `from_torch` returned) writes the checkpoint back as it came: its
+    original key names (renames undone), dtypes (casts undone), order, and the values of the
+    keys it dropped (`num_batches_tracked`), so torch -> flax -> torch is bit-identical.
+    """
+    plan = make_plan(module, variables, example_inputs, rules, tied)
+    result: dict[str, Any] = {}
+    for key in plan.order:
+        if key in plan.entries:
+            result[key] = _export(plan, plan.entries[key], variables)
+        elif key in plan.aliases:
+            canonical = plan.aliases[key]
+            result[key] = result.get(canonical)
+            if result[key] is None:
+                result[key] = _export(plan, plan.entries[canonical], variables)
+        else:
+            value, _ = plan.extras[key]
+            if report is not None and key in report.extras:
+                value = report.extras[key]
+            result[key] = np.array(value)
+    if report is not None:
+        result = _restore(result, report)
+    if as_torch:
+        if "torch" not in sys.modules:
+            import torch  # noqa: F401
+        converted: dict[int, Any] = {}
+        for key, array in result.items():  # aliases stay one tensor, as in torch
+            if id(array) not in converted:
+                converted[id(array)] = _numpy_to_torch(array)
+            result[key] = converted[id(array)]
+    return result
+
+
+def _dtype_named(name: str) -> np.dtype:
+    try:
+        return np.dtype(name)
+    except TypeError:
+        import ml_dtypes
+
+        return np.dtype(getattr(ml_dtypes, name))
+
+
+def _restore(result: dict[str, Any], report: LoadReport) -> dict[str, Any]:
+    """Undo a conversion's renames and casts; order as the checkpoint it came from."""
+    original = {target: source for source, target in report.renamed}
+    restored: dict[str, Any] = {}
+    for key, array in result.items():
+        name = original.get(key, key)
+        stored = report.source_dtypes.get(name)
+        if stored is not None and str(array.dtype) != stored:
+            array = array.astype(_dtype_named(stored))
+        restored[name] = array
+    rank = {key: i for i, key in enumerate(report.source_order)}
+    order = sorted(restored, key=lambda k: rank.get(k, len(rank)))
+    return {k: restored[k] for k in order}
