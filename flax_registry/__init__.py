@@ -5,10 +5,13 @@ Parameters (learnable, saved) live in the `params` collection, buffers (saved, n
 `state_dict` name.
 """
 
+from . import checkpoint as checkpoint
+from . import train as train
 from ._apply import abstract_variables as abstract_variables
 from ._apply import apply as apply
 from ._apply import init_variables as init_variables
 from ._parameter import Parameter as Parameter
+from .checkpoint import CheckpointManager as CheckpointManager
 from .convert import LoadReport as LoadReport
 from .convert import from_torch as from_torch
 from .convert import register_rule as register_rule
@@ -25,24 +28,36 @@ from .state import named_modules as named_modules
 from .state import named_parameters as named_parameters
 from .state import parameters as parameters
 from .state import state_dict as state_dict
+from .train import ParamGroup as ParamGroup
+from .train import TrainState as TrainState
+from .train import create_train_state as create_train_state
+from .train import make_eval_step as make_eval_step
+from .train import make_train_step as make_train_step
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "IncompatibleKeys",
     "LoadReport",
     "Module",
+    "ParamGroup",
     "Parameter",
+    "TrainState",
     "__version__",
     "abstract_variables",
     "apply",
     "buffers",
+    "checkpoint",
+    "create_train_state",
     "from_torch",
     "get_buffer",
     "get_parameter",
     "get_submodule",
     "init_variables",
     "load_state_dict",
+    "make_eval_step",
+    "make_train_step",
     "named_buffers",
     "named_modules",
     "named_parameters",
@@ -50,4 +65,5 @@ __all__ = [
     "register_rule",
     "state_dict",
     "to_torch",
+    "train",
 ]

@@ -27,7 +27,8 @@ def torch_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
 
 def load_from_torch(module: Any, torch_module: torch.nn.Module, *example: Any) -> dict[str, Any]:
     """Variables for `module` holding `torch_module`'s state_dict, loaded strictly, no renames."""
-    variables = fr.init_variables(module, jax.random.key(0), *example)
+    # Abstract variables: a strict load fills every leaf, and no random init is compiled.
+    variables = fr.abstract_variables(module, *example)
     new, missing = fr.load_state_dict(module, variables, torch_module.state_dict(), strict=True)
     assert not missing.missing_keys and not missing.unexpected_keys
     return new
