@@ -23,4 +23,4 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flax_registry tests examples benchmarks
 	$(VENV)/bin/ruff format --check flax_registry tests examples benchmarks
-	$(VENV)/bin/mypy
+	$(VENV)/bin/mypy flax_registry examples benchmarks

@@ -224,7 +224,7 @@ def run_floor(path: Path, size: str) -> Any:
     nbytes = path.stat().st_size
     start = time.perf_counter()
     buffer = np.empty(nbytes, np.uint8)
-    view = memoryview(buffer)
+    view = memoryview(buffer.data)
     with open(path, "rb", buffering=0) as f:
         offset = 0
         while offset < nbytes:

@@ -55,8 +55,8 @@ class BasicBlock(fr.Module):
         self.bn2 = nn.BatchNorm2d(c_out)
         if self.stride != 1 or c_in != c_out:
             self.downsample = nn.Sequential(  # mypy reads the dataclass fields
-                nn.Conv2d(c_in, c_out, 1, stride=self.stride, bias=False),  # type: ignore[arg-type]
-                nn.BatchNorm2d(c_out),  # type: ignore[arg-type]
+                nn.Conv2d(c_in, c_out, 1, stride=self.stride, bias=False),
+                nn.BatchNorm2d(c_out),
             )
 
     def __call__(self, x: Any, *, train: bool = False) -> Any:

@@ -78,7 +78,9 @@ def input_and_param_grads(
         return jnp.sum(y * cot)
 
     argnums = tuple(range(len(inputs) + 1))
-    grads = jax.grad(loss, argnums=argnums)(variables.get("params", {}), *[jnp.asarray(x) for x in inputs])
+    grads = jax.grad(loss, argnums=argnums)(
+        variables.get("params", {}), *[jnp.asarray(x) for x in inputs]
+    )
     t_inputs = [torch.tensor(x, requires_grad=True) for x in inputs]
     torch_module.train(train)
     (torch_module(*t_inputs) * torch.tensor(cot)).sum().backward()

@@ -29,3 +29,8 @@ def test_parameter_vs_buffer_agrees_with_torch():
     assert params.count("weight (10, 10)") == 4  # two listings, two columns
     assert buffers.split("state_dict()")[0].count("weight (10, 10)") == 0
     assert buffers.split("state_dict()")[1].count("weight (10, 10)") == 2
+
+
+def test_port_a_torch_model_agrees_with_torch():
+    out = run("port_a_torch_model.py")
+    assert "agrees with PyTorch (rtol = atol = 1e-5): yes" in out

@@ -27,7 +27,7 @@ a new container. Children must be flax modules (`flax_registry.Module` or any
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import flax.linen as nn
 
@@ -100,6 +100,17 @@ class Sequential(Module):
 
     layers: Sequence[nn.Module] = ()
     names: Sequence[str] | None = None
+
+    if TYPE_CHECKING:  # what `_positional_init` accepts, for type checkers
+
+        def __init__(
+            self,
+            *args: nn.Module | Mapping[str, nn.Module],
+            layers: Sequence[nn.Module] = (),
+            names: Sequence[str] | None = None,
+            parent: Any = ...,
+            name: str | None = None,
+        ) -> None: ...
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         own_init = "__init__" in cls.__dict__
