@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _messages as messages
 from ._arrays import to_array
 from ._tree import Node, build_tree
 
@@ -248,14 +249,6 @@ _UNINITIALISED = (
 )
 
 
-def _quoted(keys: list[str]) -> str:
-    return ", ".join(f'"{k}"' for k in keys)
-
-
-def _error(cls: str, messages: list[str]) -> RuntimeError:
-    return RuntimeError(f"Error(s) in loading state_dict for {cls}:\n\t" + "\n\t".join(messages))
-
-
 def _copy_dicts(tree: Any) -> Any:
     if isinstance(tree, Mapping):
         return {k: _copy_dicts(v) for k, v in tree.items()}
@@ -296,26 +289,23 @@ def load_state_dict(
             continue
         value = to_array(state_dict[key])
         if tuple(np.shape(value)) != tuple(current.shape):
-            errors.append(
-                f"size mismatch for {key}: copying a param with shape {tuple(np.shape(value))} "
-                f"from checkpoint, the shape in current model is {tuple(current.shape)}."
-            )
+            errors.append(messages.size_mismatch(key, np.shape(value), current.shape))
             continue
         updates.append((slot, _cast(value, current.dtype)))
     if strict:
         if unexpected:
-            errors.insert(0, f"Unexpected key(s) in state_dict: {_quoted(unexpected)}. ")
+            errors.insert(0, messages.unexpected_keys(unexpected))
         if missing:
-            errors.insert(0, f"Missing key(s) in state_dict: {_quoted(missing)}. ")
+            errors.insert(0, messages.missing_keys(missing))
     if errors:
-        raise _error(cls, errors)
+        raise messages.load_error(cls, errors)
     abstract = [
         key
         for key, _, current in entries
         if key in missing and isinstance(current, jax.ShapeDtypeStruct)
     ]
     if abstract:
-        raise RuntimeError(_UNINITIALISED.format(cls=cls, keys=_quoted(abstract)))
+        raise RuntimeError(_UNINITIALISED.format(cls=cls, keys=messages.quoted(abstract)))
     new_variables = _copy_dicts(variables)
     for slot, value in updates:
         _set(new_variables, slot.collection, slot.path, value)

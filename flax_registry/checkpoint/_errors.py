@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from .. import _messages as messages
 from ..train._names import leaf_paths
 
 NO_STEP = (
@@ -35,10 +36,6 @@ _MISMATCH = (
 )
 
 
-def _quoted(keys: Sequence[str]) -> str:
-    return ", ".join(f'"{k}"' for k in keys)
-
-
 def mismatch(
     item: str,
     target: Any,
@@ -58,15 +55,14 @@ def mismatch(
     )
     unexpected = [f"{item}/" + "/".join(p) for p in theirs if p not in ours]
     errors = [
-        f"size mismatch for {name_of(p, s)}: copying a param with shape {theirs[p]} from "
-        f"checkpoint, the shape in current model is {s}."
+        messages.size_mismatch(name_of(p, s), theirs[p], s)
         for p, s in ours.items()
         if p in theirs and theirs[p] != s
     ]
     if unexpected:
-        errors.insert(0, f"Unexpected key(s) in checkpoint: {_quoted(unexpected)}. ")
+        errors.insert(0, messages.unexpected_keys(unexpected, "checkpoint"))
     if missing:
-        errors.insert(0, f"Missing key(s) in checkpoint: {_quoted(missing)}. ")
+        errors.insert(0, messages.missing_keys(missing, "checkpoint"))
     return errors
 
 

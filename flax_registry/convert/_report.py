@@ -13,15 +13,13 @@ import dataclasses
 
 import numpy as np
 
+from .. import _messages as messages
+
 _HINT_RENAMES = (
     "Hint: missing and unexpected keys together usually mean different names: pass "
     "renames={{r'^<checkpoint prefix>': '<model prefix>'}} (e.g. {{r'^module\\.': ''}} for "
     "DataParallel). The model's first keys are {model_keys}; the checkpoint's are {source_keys}."
 )
-
-
-def _quoted(keys: list[str]) -> str:
-    return ", ".join(f'"{k}"' for k in keys)
 
 
 @dataclasses.dataclass
@@ -69,14 +67,11 @@ class LoadReport:
         """PyTorch's `load_state_dict` error lines, in its order."""
         lines = []
         if self.missing:
-            lines.append(f"Missing key(s) in state_dict: {_quoted(self.missing)}. ")
+            lines.append(messages.missing_keys(self.missing))
         if self.unexpected:
-            lines.append(f"Unexpected key(s) in state_dict: {_quoted(self.unexpected)}. ")
+            lines.append(messages.unexpected_keys(self.unexpected))
         for key, theirs, ours in self.shape_mismatches:
-            lines.append(
-                f"size mismatch for {key}: copying a param with shape {theirs} from checkpoint, "
-                f"the shape in current model is {ours}."
-            )
+            lines.append(messages.size_mismatch(key, theirs, ours))
         return lines
 
     def error(self, model_keys: list[str] | None = None) -> RuntimeError:
@@ -85,12 +80,11 @@ class LoadReport:
         if self.missing and self.unexpected and model_keys is not None:
             lines.append(
                 _HINT_RENAMES.format(
-                    model_keys=_quoted(model_keys[:3]), source_keys=_quoted(self.unexpected[:3])
+                    model_keys=messages.quoted(model_keys[:3]),
+                    source_keys=messages.quoted(self.unexpected[:3]),
                 )
             )
-        return RuntimeError(
-            f"Error(s) in loading state_dict for {self.cls}:\n\t" + "\n\t".join(lines)
-        )
+        return messages.load_error(self.cls, lines)
 
     def __str__(self) -> str:
         sections = [
