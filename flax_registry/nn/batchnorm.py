@@ -12,14 +12,13 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .._parameter import Parameter
 from ..module import Module
 from ._norm_functional import batch_norm
+from .normalization import register_affine
 
 _CHANNELS = (
     "{tensor} should contain {found} elements not {expected} ({cls}(num_features={expected}) got "
@@ -57,13 +56,7 @@ class _NormBase(Module):
 
     def setup(self) -> None:
         n = self.num_features
-        if self.affine:
-            self.register_parameter("weight", Parameter(nn.initializers.ones, (n,), self.dtype))
-            bias = Parameter(nn.initializers.zeros, (n,), self.dtype) if self.bias else None
-            self.register_parameter("bias", bias)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, (n,), self.affine, self.bias, self.dtype)
         if self.track_running_stats:
             dtype = jnp.float32 if self.dtype is None else self.dtype
             self.register_buffer("running_mean", lambda: jnp.zeros((n,), dtype))

@@ -18,6 +18,17 @@ from ..module import Module
 from ._norm_functional import group_norm, layer_norm
 
 
+def register_affine(
+    module: Module, shape: tuple[int, ...], affine: bool, bias: bool, dtype: Any
+) -> None:
+    """Register a norm's `weight` (ones) and `bias` (zeros) of `shape` as torch's norm layers
+    do: both None when not `affine`, `bias` None when `bias=False`."""
+    ones = Parameter(nn.initializers.ones, shape, dtype) if affine else None
+    zeros = Parameter(nn.initializers.zeros, shape, dtype) if affine and bias else None
+    module.register_parameter("weight", ones)
+    module.register_parameter("bias", zeros)
+
+
 def _shape_list(shape: Sequence[int]) -> str:
     return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
@@ -47,13 +58,7 @@ class LayerNorm(Module):
                 "Expected normalized_shape to be at least 1-dimensional, i.e., containing at "
                 "least one element, but got normalized_shape = []"
             )
-        if self.elementwise_affine:
-            self.register_parameter("weight", Parameter(nn.initializers.ones, shape, self.dtype))
-            bias = Parameter(nn.initializers.zeros, shape, self.dtype) if self.bias else None
-            self.register_parameter("bias", bias)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, shape, self.elementwise_affine, self.bias, self.dtype)
 
     def _shape(self) -> tuple[int, ...]:
         ns = self.normalized_shape
@@ -97,13 +102,7 @@ class GroupNorm(Module):
                 f"num_groups ({self.num_groups})"
             )
         n = self.num_channels
-        if self.affine:
-            self.register_parameter("weight", Parameter(nn.initializers.ones, (n,), self.dtype))
-            bias = Parameter(nn.initializers.zeros, (n,), self.dtype) if self.bias else None
-            self.register_parameter("bias", bias)
-        else:
-            self.register_parameter("weight", None)
-            self.register_parameter("bias", None)
+        register_affine(self, (n,), self.affine, self.bias, self.dtype)
 
     def __call__(self, x: Any, *, train: bool = False) -> jax.Array:
         """Normalise `x` (`train` has no effect, as in PyTorch)."""
