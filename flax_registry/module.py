@@ -17,6 +17,8 @@ if TYPE_CHECKING:
     from .state import IncompatibleKeys
 
 _REGISTRY_ATTR = "_fr_registry"
+# Attributes flax itself sets while `setup()` runs: not the user's children.
+_FLAX_INTERNAL = frozenset({"_compact_name_scope_modules", _REGISTRY_ATTR})
 
 _OUTSIDE_SETUP = (
     "cannot register {what} '{name}' of {cls} outside setup(): flax_registry registers "
@@ -269,7 +271,7 @@ class Module(nn.Module):
     # --- attribute access -------------------------------------------------------------------
 
     def __setattr__(self, name: str, val: Any) -> None:
-        if not self._state.in_setup or name.startswith("_"):
+        if not self._state.in_setup or name.startswith("__") or name in _FLAX_INTERNAL:
             super().__setattr__(name, val)
             return
         if isinstance(val, Parameter):

@@ -282,3 +282,20 @@ def test_tied_parameters_listed_once_saved_twice():
     np.testing.assert_allclose(
         grads["emb"]["weight"], tmodel.emb.weight.grad.numpy(), rtol=1e-5, atol=1e-6
     )
+
+
+def test_underscore_attributes_are_children_too():
+    class TorchPrivate(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self._inner = TorchLeaf(2)
+            self._cache = torch.ones(2)  # a plain tensor attribute: nothing
+
+    class Private(fr.Module):
+        def setup(self) -> None:
+            self._inner = Leaf(2)
+            self._cache = jnp.ones(2)
+
+    v = fr.init_variables(Private(), jax.random.key(0))
+    assert list(fr.state_dict(Private(), v)) == list(TorchPrivate().state_dict())
+    assert names(fr.named_modules(Private(), v)) == names(TorchPrivate().named_modules())
