@@ -101,6 +101,14 @@ def _check_common(module: Any, n: int) -> None:
             raise ValueError(f"{cls}: {what} must be positive, got {getattr(module, what)!r}")
 
 
+def _register_weight_and_bias(module: Any, weight_shape: tuple[int, ...]) -> None:
+    """torch's `_ConvNd.reset_parameters`: kaiming-uniform weight, uniform bias (or None)."""
+    weight = Parameter(_init.default_weight(), weight_shape, module.dtype)
+    bias = Parameter(_init.default_bias(weight_shape), (module.out_channels,), module.dtype)
+    module.register_parameter("weight", weight)
+    module.register_parameter("bias", bias if module.bias else None)
+
+
 def _add_bias(module: Any, y: Array, n: int) -> Array:
     if module.bias:
         y = y + module.get_parameter("bias").reshape((-1,) + (1,) * n)
@@ -142,9 +150,7 @@ class _ConvNd(Module):
 
     def setup(self) -> None:
         shape = (self.out_channels, self.in_channels // self.groups, *self._t("kernel_size"))
-        self.register_parameter("weight", Parameter(_init.default_weight(), shape, self.dtype))
-        bias = Parameter(_init.default_bias(shape), (self.out_channels,), self.dtype)
-        self.register_parameter("bias", bias if self.bias else None)
+        _register_weight_and_bias(self, shape)
 
     def _pads(self) -> list[tuple[int, int]]:
         """(low, high) padding per spatial axis, as torch computes it ('same' may be uneven:
@@ -274,9 +280,7 @@ class _ConvTransposeNd(Module):
 
     def setup(self) -> None:
         shape = (self.in_channels, self.out_channels // self.groups, *self._t("kernel_size"))
-        self.register_parameter("weight", Parameter(_init.default_weight(), shape, self.dtype))
-        bias = Parameter(_init.default_bias(shape), (self.out_channels,), self.dtype)
-        self.register_parameter("bias", bias if self.bias else None)
+        _register_weight_and_bias(self, shape)
 
     def _output_padding(self, x: Array, batched: bool, output_size: Any) -> tuple[int, ...]:
         """torch's `_ConvTransposeNd._output_padding`, with its messages."""
