@@ -25,6 +25,12 @@ def torch_state(module: torch.nn.Module) -> dict[str, np.ndarray]:
     return {k: to_numpy(v) for k, v in module.state_dict().items()}
 
 
+def key(seed: int) -> jax.Array:
+    """An 'rbg' key: XLA's RngBitGenerator compiles far faster on CPU than threefry, which
+    keeps the tests fast; the layers take any key."""
+    return jax.random.key(seed, impl="rbg")
+
+
 def load_from_torch(module: Any, torch_module: torch.nn.Module, *example: Any) -> dict[str, Any]:
     """Variables for `module` holding `torch_module`'s state_dict, loaded strictly, no renames."""
     # Abstract variables: a strict load fills every leaf, and no random init is compiled.

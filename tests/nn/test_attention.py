@@ -14,23 +14,10 @@ import torch
 
 import flax_registry as fr
 from flax_registry.nn.attention import MultiheadAttention
-from tests.parity import assert_close, assert_state_dict_matches
-
-
-def key(seed: int) -> jax.Array:
-    """An 'rbg' key: XLA's RngBitGenerator compiles far faster on CPU than threefry, which
-    keeps these tests fast; the layers take any key."""
-    return jax.random.key(seed, impl="rbg")
-
+from tests.parity import assert_close, assert_state_dict_matches, key
+from tests.parity import load_from_torch as from_torch
 
 E, H, L, S, N = 8, 2, 3, 4, 2
-
-
-def from_torch(m: Any, t: torch.nn.Module) -> Any:
-    """`t`'s state_dict loaded strictly, no renames (into abstract variables: no random init)."""
-    variables, incompatible = fr.load_state_dict(m, fr.abstract_variables(m), t.state_dict())
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    return variables
 
 
 def make(**kwargs: Any) -> tuple[Any, Any, torch.nn.MultiheadAttention]:

@@ -13,25 +13,11 @@ import torch
 
 import flax_registry as fr
 from flax_registry.nn.rnn import GRU, LSTM
-from tests.parity import assert_close, assert_state_dict_matches, to_numpy
-
-
-def key(seed: int) -> jax.Array:
-    """An 'rbg' key: XLA's RngBitGenerator compiles far faster on CPU than threefry, which
-    keeps these tests fast; the layers take any key."""
-    return jax.random.key(seed, impl="rbg")
-
+from tests.parity import assert_close, assert_state_dict_matches, key, to_numpy
+from tests.parity import load_from_torch as from_torch
 
 PAIRS = {"LSTM": (LSTM, torch.nn.LSTM), "GRU": (GRU, torch.nn.GRU)}
 IN, HID, T, N = 3, 4, 4, 2
-
-
-def from_torch(m: Any, t: torch.nn.Module) -> Any:
-    """`t`'s state_dict loaded strictly, no renames, into abstract variables of `m` (as
-    tests.parity.load_from_torch, without compiling a random init for every shape)."""
-    variables, incompatible = fr.load_state_dict(m, fr.abstract_variables(m), t.state_dict())
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    return variables
 
 
 def make(kind: str, **kwargs: Any) -> tuple[Any, Any, torch.nn.Module]:

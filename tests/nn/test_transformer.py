@@ -15,23 +15,10 @@ import flax_registry as fr
 from flax_registry.nn.activation import GELU
 from flax_registry.nn.normalization import LayerNorm
 from flax_registry.nn.transformer import TransformerEncoder, TransformerEncoderLayer
-from tests.parity import assert_close, assert_state_dict_matches
-
-
-def key(seed: int) -> jax.Array:
-    """An 'rbg' key: XLA's RngBitGenerator compiles far faster on CPU than threefry, which
-    keeps these tests fast; the layers take any key."""
-    return jax.random.key(seed, impl="rbg")
-
+from tests.parity import assert_close, assert_state_dict_matches, key
+from tests.parity import load_from_torch as from_torch
 
 D, NHEAD, FF, L, N = 8, 2, 16, 3, 2
-
-
-def from_torch(m: Any, t: torch.nn.Module) -> Any:
-    """`t`'s state_dict loaded strictly, no renames (into abstract variables: no random init)."""
-    variables, incompatible = fr.load_state_dict(m, fr.abstract_variables(m), t.state_dict())
-    assert not incompatible.missing_keys and not incompatible.unexpected_keys
-    return variables
 
 
 def perturbed(t: torch.nn.Module) -> torch.nn.Module:
