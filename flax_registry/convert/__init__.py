@@ -9,6 +9,7 @@ variables of a `flax_registry` module or of plain Flax code built from standard 
 from ._layout import IDENTITY as IDENTITY
 from ._layout import LINEAR as LINEAR
 from ._layout import Layout as Layout
+from ._record import Inputs as Inputs
 from ._report import LoadReport as LoadReport
 from ._rules import Fused as Fused
 from ._rules import Map as Map
@@ -28,6 +29,7 @@ __all__ = [
     "IDENTITY",
     "LINEAR",
     "Fused",
+    "Inputs",
     "Layout",
     "LoadReport",
     "Map",

@@ -7,25 +7,39 @@ modules themselves (setup-defined submodules), or, for compact modules whose lay
 inside `__call__`, from recording every module called while `init` runs under `jax.eval_shape`
 on the example inputs (`flax.linen.intercept_methods`). Nothing is allocated.
 
-Names: a flax submodule keeps its attribute name; list/tuple/dict attributes give torch's
-container names (`layers_0` -> `layers.0`, `blocks_1_0` -> `blocks.1.0`, `heads_q` -> `heads.q`);
-`nn.Sequential` children are `0`, `1`, ... as in `torch.nn.Sequential`; a layer created inside a
-compact `__call__` keeps its flax name (`Dense_0`, or the `name=` it was given).
+Names: a flax submodule that flax named after its attribute keeps the attribute's name, and
+list/tuple/dict attributes give torch's container names (`layers_0` -> `layers.0`, `blocks_1_0`
+-> `blocks.1.0`, `heads_q` -> `heads.q`); `nn.Sequential` children are `0`, `1`, ... as in
+`torch.nn.Sequential`. A submodule given an explicit `name=` keeps that name (the scope name
+flax stores: `[Layer(name=str(i)) ...]` under `layer` is `layer.0`, as in the PyTorch twin), and
+so does a layer created inside a compact `__call__` (`Dense_0`, or its `name=`). A submodule
+held by two parents (one `nn.Embed` passed to an encoder and a decoder) is one set of
+variables with a torch key under each parent, as PyTorch's `state_dict` lists a shared module.
+
+Modules without a rule: a `flax_registry.Module` maps by its registered names; any other
+module's own variables (raw `self.param(...)` / `self.variable(...)`) map to the torch key of
+the same dotted path, unchanged, provided no two of the variable's axes have the same length
+(> 1). Then no transpose of it has the same shape, so a layout difference cannot pass the
+shape check; a variable with two equal axes (a square 2-D matrix) is refused, naming the
+rule that fixes it, because its layout cannot be told from its shape. A variable called
+`kernel` is refused too (flax's name for a weight in its (in, out) layout), and so are flax's
+own layers without a rule: their conventions (`kernel`, `scale`) are not torch's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator, Mapping
+import re
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import numpy as np
 
 from .._tree import Node, build_tree
 from ..module import Module, _modules_in
 from ._layout import IDENTITY, Layout
+from ._record import Inputs, Records, as_inputs, record_layers, remembered
 from ._rules import Rule, find_rule
 
 IGNORED_COLLECTIONS = ("intermediates", "cache", "losses")
@@ -41,6 +55,37 @@ _NO_RULE = (
     "flax_registry.convert.register_rule({type}, Rule(Map('weight', 'kernel', layout=LINEAR), "
     "...)), or pass rules={{{type}: ...}}; Rule(Map('<torch name>', '<flax name>')) maps a "
     "variable unchanged."
+)
+FLAX_LAYOUT_NAMES = ("kernel",)
+"""Variable names that, in flax, denote a weight in flax's own layout (`kernel`: (in, out),
+where torch keeps (out, in)): a layer without a rule that has one is refused, not loaded."""
+
+_FLAX_NAMED = (
+    "Its variable '{name}' is named as flax names weights it keeps in its own layout (a "
+    "kernel is (..., in, out) where torch keeps (out, in, ...)), so it is not loaded "
+    "unchanged; Rule(Map('{name}', '{name}')) says that it is stored exactly as in torch."
+)
+_AMBIGUOUS = (
+    "cannot convert flax variable '{where}' of {type} (a layer with no conversion rule): its "
+    "shape {shape} has two axes of the same length, so it may be stored in torch's order or "
+    "transposed, and loading it unchanged could put every value in the wrong place. State "
+    "its layout with a rule: flax_registry.convert.register_rule({type}, Rule(Map('<torch "
+    "name>', '{name}', layout=LINEAR))) for a (in, out) kernel that torch keeps as (out, in), "
+    "or Rule(Map('{name}', '{name}')) if it is stored exactly as in torch (or pass "
+    "rules={{{type}: ...}} for one call)."
+)
+_BARE_PARAMS = (
+    "variables= for {cls} has no collection level: its top-level keys {keys} are {what}, where "
+    "flax expects collections such as 'params'. A Hugging Face model's `model.params` (or "
+    "`params_shape_tree`) and flax's `variables['params']` are the 'params' collection "
+    "alone: pass variables={{'params': tree}} (with every other collection beside it, e.g. "
+    "{{'params': params, 'batch_stats': batch_stats}})."
+)
+_DOUBLE_WRAPPED = (
+    "variables= for {cls} has its collection level twice: variables['params'] holds the "
+    "collections {keys}. A Hugging Face model with batch statistics keeps all its "
+    "collections in `model.params`: pass that tree itself as variables=, without wrapping "
+    "it in {{'params': ...}}."
 )
 _LEFTOVER = (
     "the rule for {type} at flax scope '{path}' maps no torch key to flax variable(s) {vars}. "
@@ -76,11 +121,15 @@ class Part:
 
 @dataclasses.dataclass(frozen=True)
 class Entry:
-    """One torch tensor: the concatenation along torch axis `axis` of its parts."""
+    """One torch tensor: the concatenation along torch axis `axis` of its parts. `layer` is
+    the type of the layer it comes from; `raw` marks a variable of a layer without a rule,
+    mapped unchanged."""
 
     key: str
     parts: tuple[Part, ...]
     axis: int = 0
+    layer: str = ""
+    raw: bool = False
 
     @property
     def torch_shape(self) -> tuple[int, ...]:
@@ -102,16 +151,20 @@ class Plan:
     extras: dict[str, tuple[np.ndarray, str]] = dataclasses.field(default_factory=dict)
     order: list[str] = dataclasses.field(default_factory=list)
     nonpersistent: dict[str, tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
-    _owners: dict[tuple[str, tuple[str, ...]], str] = dataclasses.field(default_factory=dict)
+    records: Records = dataclasses.field(default_factory=dict, repr=False)
+    _owners: dict[tuple[Any, ...], str] = dataclasses.field(default_factory=dict)
 
-    def add(self, key: str, parts: tuple[Part, ...], axis: int = 0) -> None:
-        ident = tuple((p.collection, p.path) for p in parts)
-        if len(parts) == 1 and ident[0] in self._owners:  # a tied parameter: one variable
-            self.aliases[key] = self._owners[ident[0]]
+    def add(
+        self, key: str, parts: tuple[Part, ...], axis: int = 0, layer: str = "", raw: bool = False
+    ) -> None:
+        ident = (axis, *((p.collection, p.path) for p in parts))
+        if key in self.entries or key in self.aliases:
+            return  # reached twice under one name (a shared module): one key
+        if ident in self._owners:  # a tied parameter or a shared module: the same variables
+            self.aliases[key] = self._owners[ident]
         else:
-            self.entries[key] = Entry(key, parts, axis)
-            for i in ident:
-                self._owners.setdefault(i, key)
+            self.entries[key] = Entry(key, parts, axis, layer, raw)
+            self._owners[ident] = key
         self.order.append(key)
 
     def tie(self, alias: str, canonical: str) -> None:
@@ -136,55 +189,84 @@ def _leaves(
 
 
 def record_modules(
-    module: nn.Module, example_inputs: tuple[Any, ...] | None, variables: Any
-) -> tuple[dict[str, Any], dict[tuple[str, ...], nn.Module]]:
+    module: nn.Module, inputs: Inputs | None, variables: Any
+) -> tuple[dict[str, Any], Records]:
     """The target variables (abstract unless `variables` is given) and the module called at
-    each scope path during `init` (empty without example inputs)."""
-    records: dict[tuple[str, ...], nn.Module] = {}
-
-    def interceptor(next_fun: Callable[..., Any], args: Any, kwargs: Any, context: Any) -> Any:
-        mod = context.module
-        if mod.scope is not None:
-            records.setdefault(tuple(mod.scope.path), mod)
-        return next_fun(*args, **kwargs)
-
-    key = jax.random.key(0)
-    if example_inputs is not None:
-        rngs = {"params": key, "dropout": key}
-        with nn.intercept_methods(interceptor):
-            shapes = jax.eval_shape(lambda: module.init(rngs, *example_inputs))
-    elif variables is None:
+    each scope path during `init` (remembered from an earlier conversion of the same module
+    when no example inputs are given)."""
+    shapes: dict[str, Any] | None = None
+    if inputs is not None:
+        shapes, records = record_layers(module, inputs)
+    else:
+        records = dict(remembered(module))
+    if variables is not None:
+        _check_collections(module, variables, shapes)
+        target = variables
+    elif shapes is not None:
+        target = shapes
+    else:
         from .._apply import abstract_variables
 
-        shapes = abstract_variables(module)
-    target = variables if variables is not None else shapes
+        target = abstract_variables(module)
     return {c: v for c, v in dict(target).items() if c not in IGNORED_COLLECTIONS}, records
 
 
-def _attribute_children(mod: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """(torch name, submodule) of a module's attributes: lists/dicts give container names."""
+def _attribute_children(mod: nn.Module) -> Iterator[tuple[str, str, nn.Module]]:
+    """(torch name, attribute name, submodule) of a module's attributes, in assignment order.
+
+    The attribute name is torch's container name (`layers_0` -> `layers.0`; `nn.Sequential`'s
+    `layers_0` -> `0`). The torch name is the same for a submodule flax named after its
+    attribute, and its own scope name for one given an explicit `name=`.
+    """
     for attr, value in list(vars(mod).items()):
         if attr.startswith("_") or attr in ("parent", "scope", "name"):
             continue
-        for name, child in _modules_in(value, attr):
+        for dotted, child in _modules_in(value, attr):
+            auto = child.name is None or child.name == dotted.replace(".", "_")
             if isinstance(mod, nn.Sequential) and attr == "layers":
-                name = name.removeprefix("layers.")
-            yield name, child
+                dotted = dotted.removeprefix("layers.")
+            yield (dotted if auto or child.name is None else child.name), dotted, child
+
+
+def _is_flax_layer(layer_type: type) -> bool:
+    return layer_type.__module__.split(".")[0] == "flax"
+
+
+def _ambiguous(shape: tuple[int, ...]) -> bool:
+    """Two axes of the same length (> 1): a transpose of the variable has its shape."""
+    long = [d for d in shape if d > 1]
+    return len(set(long)) < len(long)
+
+
+def _index(node: Node, out: dict[tuple[str, ...], Node]) -> dict[tuple[str, ...], Node]:
+    if node.path not in out:
+        out[node.path] = node
+        for _, child in node.children:
+            _index(child, out)
+    return out
 
 
 class _Walker:
     def __init__(
-        self,
-        plan: Plan,
-        records: dict[tuple[str, ...], nn.Module],
-        rules: Mapping[type, Rule] | None,
+        self, plan: Plan, root: Node, records: Records, rules: Mapping[type, Rule] | None
     ) -> None:
         self.plan = plan
         self.records = records
         self.rules = rules
         self.root_cls = plan.cls
+        self.nodes = _index(root, {})
+        self.active: list[tuple[str, ...]] = []
 
     def visit(self, node: Node, prefix: str) -> None:
+        if node.path in self.active:  # a module that holds one of its ancestors
+            return
+        self.active.append(node.path)
+        try:
+            self._visit(node, prefix)
+        finally:
+            self.active.pop()
+
+    def _visit(self, node: Node, prefix: str) -> None:
         mod = node.module if node.module is not None else self.records.get(node.path)
         rule = find_rule(type(mod), self.rules) if mod is not None else None
         if rule is not None:
@@ -194,14 +276,36 @@ class _Walker:
                 node = self.registry_node(mod, node.path)
             self.identity(node, prefix)
         else:
-            own = [(s.collection, s.path) for _, s, _ in node.parameters + node.buffers]
+            own = node.parameters + node.buffers
             if own:
                 where = "/".join(node.path) or "<root>"
-                names = ["/".join((c, *p[len(node.path) :])) for c, p in own]
+                names = ["/".join((s.collection, *s.path[len(node.path) :])) for _, s, _ in own]
                 if mod is None:
                     raise ValueError(_NO_TYPE.format(path=where, vars=names, cls=self.root_cls))
-                raise ValueError(_NO_RULE.format(type=type(mod).__name__, path=where, vars=names))
+                if _is_flax_layer(type(mod)):
+                    raise ValueError(
+                        _NO_RULE.format(type=type(mod).__name__, path=where, vars=names)
+                    )
+                self.raw(own, prefix, type(mod).__name__, where)
             self.children(node, prefix, mod, node.children)
+
+    def raw(self, own: list[tuple[str, Any, Any]], prefix: str, layer: str, where: str) -> None:
+        """A layer without a rule: each own variable under its own name, unchanged."""
+        names = [s.collection + "/" + name for name, s, _ in own]
+        for name, _, _ in own:
+            if name in FLAX_LAYOUT_NAMES:
+                raise ValueError(
+                    _NO_RULE.format(type=layer, path=where, vars=names)
+                    + " "
+                    + _FLAX_NAMED.format(name=name)
+                )
+        for name, slot, value in own:
+            shape = tuple(value.shape)
+            if _ambiguous(shape):
+                where = "/".join((slot.collection, *slot.path))
+                raise ValueError(_AMBIGUOUS.format(where=where, type=layer, shape=shape, name=name))
+            part = Part(slot.collection, slot.path, IDENTITY, value)
+            self.plan.add(prefix + name, (part,), layer=layer, raw=True)
 
     def registry_node(self, mod: Module, path: tuple[str, ...]) -> Node:
         """The tree of a registry module found below a plain flax module: a copy bound to its
@@ -217,11 +321,15 @@ class _Walker:
         return _rebase(local, path, self.plan.target)
 
     def identity(self, node: Node, prefix: str) -> None:
+        layer = node.type_name
         for name, slot, value in node.parameters:
-            self.plan.add(prefix + name, (Part(slot.collection, slot.path, IDENTITY, value),))
+            self.plan.add(
+                prefix + name, (Part(slot.collection, slot.path, IDENTITY, value),), 0, layer
+            )
         for name, slot, value in node.buffers:
             if slot.persistent:
-                self.plan.add(prefix + name, (Part(slot.collection, slot.path, IDENTITY, value),))
+                part = Part(slot.collection, slot.path, IDENTITY, value)
+                self.plan.add(prefix + name, (part,), 0, layer)
             else:
                 self.plan.nonpersistent[prefix + name] = (slot.collection, slot.path)
         for name, child in node.children:
@@ -234,16 +342,18 @@ class _Walker:
             variables[(slot.collection, slot.path[base:])] = value
         tensors, extras = rule.expand(mod, variables)
         used: set[tuple[str, tuple[str, ...]]] = set()
+        layer = type(mod).__name__
         for t in tensors:
             parts = []
             for p in t.parts:
                 used.add((p.collection, p.path))
                 leaf = variables[(p.collection, p.path)]
                 parts.append(Part(p.collection, (*node.path, *p.path), p.layout, leaf))
-            self.plan.add(prefix + t.torch, tuple(parts), t.axis)
+            self.plan.add(prefix + t.torch, tuple(parts), t.axis, layer)
         for e in extras:
-            self.plan.extras[prefix + e.torch] = (e.value, e.reason)
-            self.plan.order.append(prefix + e.torch)
+            if prefix + e.torch not in self.plan.extras:
+                self.plan.extras[prefix + e.torch] = (e.value, e.reason)
+                self.plan.order.append(prefix + e.torch)
         touched = {path[0] for _, path in used if len(path) > 1}
         leftover = [
             "/".join((c, *p))
@@ -252,28 +362,40 @@ class _Walker:
         ]
         if leftover:
             where = "/".join(node.path) or "<root>"
-            raise ValueError(_LEFTOVER.format(type=type(mod).__name__, path=where, vars=leftover))
+            raise ValueError(_LEFTOVER.format(type=layer, path=where, vars=leftover))
         rest = [(name, child) for name, child in node.children if name not in touched]
         self.children(node, prefix, mod, rest)
 
     def children(self, node: Node, prefix: str, mod: Any, children: list[tuple[str, Node]]) -> None:
-        names: dict[str, str] = {}
+        """Visit the child scopes of `node` in the order their modules were assigned (then
+        called), each under its torch name; a submodule of another scope held by an attribute
+        (a shared module) is visited too, under the attribute's name."""
+        scopes = dict(children)
+        ordered: list[tuple[str, Node]] = []
+        seen: set[str] = set()
         if mod is not None and not isinstance(mod, Module):
             if mod.scope is not None:  # a bound module: make sure its setup() ran
                 mod._try_setup()
-            scopes = {name for name, _ in children}
-            for torch_name, sub in _attribute_children(mod):
-                if sub.name is not None and sub.name not in names:
-                    names[sub.name] = torch_name
-                    if sub.name in scopes:
-                        self.records.setdefault((*node.path, sub.name), sub)
-        rank = {name: i for i, name in enumerate(names)}
-        for path in self.records:  # compact layers: the order they were called in
-            if len(path) == len(node.path) + 1 and path[:-1] == node.path:
-                rank.setdefault(path[-1], len(rank))
-        ordered = sorted(children, key=lambda item: rank.get(item[0], len(rank)))
-        for name, child in ordered:
-            self.visit(child, prefix + names.get(name, name) + ".")
+            for torch_name, attribute, sub in _attribute_children(mod):
+                if sub.name is None:
+                    continue
+                own = (*node.path, sub.name)
+                path = tuple(sub.scope.path) if sub.scope is not None else own
+                if path == own and sub.name in scopes and sub.name not in seen:
+                    seen.add(sub.name)
+                    self.records.setdefault(path, sub)
+                    ordered.append((torch_name, scopes[sub.name]))
+                elif path != own and path in self.nodes:  # shared with another parent
+                    ordered.append((attribute, self.nodes[path]))
+        called = [
+            p[-1] for p in self.records if len(p) == len(node.path) + 1 and p[:-1] == node.path
+        ]
+        for name in [*called, *scopes]:  # compact layers: the order they were called in
+            if name in scopes and name not in seen:
+                seen.add(name)
+                ordered.append((name, scopes[name]))
+        for torch_name, child in ordered:
+            self.visit(child, prefix + torch_name + ".")
 
 
 def _rebase(node: Node, base: tuple[str, ...], target: Mapping[str, Any]) -> Node:
@@ -321,10 +443,9 @@ def make_plan(
         raise TypeError(
             f"{type(module).__name__} is bound; pass the unbound module (module.unbind()[0])."
         )
-    if example_inputs is not None and not isinstance(example_inputs, tuple):
-        example_inputs = (example_inputs,)
-    target, records = record_modules(module, example_inputs, variables)
     cls = type(module).__name__
+    inputs = as_inputs(example_inputs)
+    target, records = record_modules(module, inputs, variables)
     if not any(True for c in target.values() for _ in _leaves(c)):
         why = (
             "init without inputs created none (flax layers such as nn.Dense create their "
@@ -333,9 +454,9 @@ def make_plan(
             else "the variables passed are empty"
         )
         raise ValueError(_EMPTY.format(cls=cls, why=why))
-    plan = Plan(cls, target)
+    plan = Plan(cls, target, records=records)
     root = build_tree(module.bind(target))
-    _Walker(plan, records, rules).visit(root, "")
+    _Walker(plan, root, records, rules).visit(root, "")
     for alias, canonical in (tied or {}).items():
         plan.tie(alias, canonical)
     covered = {(p.collection, p.path) for e in plan.entries.values() for p in e.parts}
@@ -352,3 +473,48 @@ def make_plan(
             "not reached by the module walk. Report this with the model definition."
         )
     return plan
+
+
+_COMPACT_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*_\d+$")  # flax's names in compact code: Dense_0
+
+
+def _check_collections(module: nn.Module, variables: Any, shapes: Mapping[str, Any] | None) -> None:
+    """Refuse a variables tree without its collection level (a bare params tree), which would
+    otherwise fail far from the cause. With example inputs the collections are known; without,
+    the top-level keys are compared with what a collection cannot be: a variable, a compact
+    layer's scope name (`Dense_0`) or a submodule that `setup()` assigns."""
+    if not isinstance(variables, Mapping):
+        raise TypeError(
+            f"variables= must be a mapping of flax collections ({{'params': ...}}), got "
+            f"{type(variables).__name__}."
+        )
+    keys = list(variables)
+    inner = variables.get("params")
+    if isinstance(inner, Mapping) and "params" in inner and "params" not in _setup_names(module):
+        raise ValueError(_DOUBLE_WRAPPED.format(cls=type(module).__name__, keys=sorted(inner)))
+    if not keys or "params" in keys:
+        return
+    what = ""
+    if shapes is not None and "params" in shapes and not set(keys) <= set(shapes):
+        what = f"not the collections {type(module).__name__}.init creates ({sorted(shapes)})"
+    elif any(not isinstance(v, Mapping) for v in variables.values()):
+        what = "variables themselves"
+    elif any(_COMPACT_NAME.match(str(k)) for k in keys):
+        what = "layer scope names"
+    elif set(keys) & _setup_names(module):
+        what = f"submodules of {type(module).__name__}"
+    if what:
+        raise ValueError(
+            _BARE_PARAMS.format(cls=type(module).__name__, keys=sorted(map(str, keys)), what=what)
+        )
+
+
+def _setup_names(module: nn.Module) -> set[str]:
+    """The scope names of the submodules `module.setup()` assigns (empty if setup needs
+    variables to run)."""
+    try:
+        bound = module.bind({})
+        bound._try_setup()
+    except Exception:
+        return set()
+    return {sub.name for _, _, sub in _attribute_children(bound) if sub.name is not None}
