@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from .. import _messages as messages
+from ._suggest import suggest
 
 _HINT_RENAMES = (
     "Hint: missing and unexpected keys together usually mean different names: pass "
@@ -36,7 +37,10 @@ class LoadReport:
       recomputes them);
     - `renamed`: `(checkpoint key, model key)` for every key `renames` changed;
     - `dropped`: `(key, reason)` for checkpoint keys deliberately not loaded
-      (`num_batches_tracked`: flax BatchNorm has no counter).
+      (`num_batches_tracked`: flax BatchNorm has no counter);
+    - `checkpoint_aliases`: checkpoint keys the model has no place for that the checkpoint
+      stores as the very same tensor as a key that loads (`torch.save` keeps tied weights
+      as one storage), each with that key; also in `tied_aliases`.
 
     `extras` (dropped values), `source_order` and `source_dtypes` let
     `to_torch(..., report=report)` restore the checkpoint's names, dtypes and order.
@@ -53,6 +57,9 @@ class LoadReport:
     skipped_nonpersistent: list[str] = dataclasses.field(default_factory=list)
     renamed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    checkpoint_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    hints: list[str] = dataclasses.field(default_factory=list, repr=False)
+    shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict, repr=False)
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     source_order: list[str] = dataclasses.field(default_factory=list, repr=False)
     source_dtypes: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
@@ -75,15 +82,23 @@ class LoadReport:
         return lines
 
     def error(self, model_keys: list[str] | None = None) -> RuntimeError:
-        """The `RuntimeError` a strict load raises, in PyTorch's format."""
+        """The `RuntimeError` a strict load raises, in PyTorch's format, followed by the
+        closest checkpoint key for each missing key and the `renames=` that would fix them."""
         lines = self.error_lines()
-        if self.missing and self.unexpected and model_keys is not None:
-            lines.append(
-                _HINT_RENAMES.format(
-                    model_keys=messages.quoted(model_keys[:3]),
-                    source_keys=messages.quoted(self.unexpected[:3]),
+        if self.missing and self.unexpected:
+            unexpected = set(self.unexpected)
+            matched = [k for k in self.source_order if k not in unexpected]
+            suggestions = suggest(self.missing, self.unexpected, self.shapes, matched)
+            if suggestions:
+                lines.extend(suggestions)
+            elif model_keys is not None:
+                lines.append(
+                    _HINT_RENAMES.format(
+                        model_keys=messages.quoted(model_keys[:3]),
+                        source_keys=messages.quoted(self.unexpected[:3]),
+                    )
                 )
-            )
+        lines.extend(dict.fromkeys(self.hints))
         return messages.load_error(self.cls, lines)
 
     def __str__(self) -> str:

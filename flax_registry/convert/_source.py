@@ -67,6 +67,33 @@ class Source:
             return value[index]
         return np.asarray(value[index])
 
+    def region(self, key: str) -> tuple[Any, ...] | None:
+        """Where the tensor's elements live (address, shape, strides, dtype): two keys with
+        the same region are one tensor stored twice under two names, as `torch.save` stores
+        tied weights (one storage). None when unknown."""
+        if self._reader is not None:
+            view = self._reader.view(key)
+        else:
+            value = self.mapping[key]
+            if is_torch_tensor(value):
+                if value.device.type != "cpu":
+                    return None
+                address = value.untyped_storage().data_ptr()
+                start = value.storage_offset() * value.element_size()
+                return (
+                    address + start,
+                    tuple(value.shape),
+                    tuple(value.stride()),
+                    str(value.dtype),
+                )
+            if not isinstance(value, np.ndarray):
+                return None
+            view = value
+        if view.size == 0:
+            return None
+        interface = view.__array_interface__
+        return (interface["data"][0], view.shape, view.strides, str(view.dtype))
+
     def release(self) -> None:
         """Drop the pages earlier reads touched from this process's resident memory."""
         if self._reader is not None:

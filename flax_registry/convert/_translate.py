@@ -37,6 +37,12 @@ _TIE_DIFFERS = (
     "values for them. Fix: load only one of them (renames=... returning None drops a key), or "
     "untie the parameters in the model."
 )
+_RAW_MISMATCH = (
+    "{key} belongs to {layer}, a layer without a conversion rule, whose variables are loaded "
+    "under their own names, unchanged: if the layer stores it in another layout (e.g. a "
+    "(in, out) kernel where torch has (out, in)), register a rule for {layer} with "
+    "flax_registry.convert.register_rule (layout=LINEAR for a transpose)."
+)
 _NOT_CONCRETE = (
     "to_torch needs concrete variables: flax variable '{where}' (torch key '{key}') is abstract "
     "({leaf}). Pass the variables that init / from_torch returned."
@@ -200,20 +206,56 @@ def _match(
             report.extras[target] = src.read(keys[0])
         else:
             report.unexpected.extend([target] * len(keys))
+    if report.unexpected:
+        _checkpoint_aliases(src, by_target, found, report)
     chosen: dict[str, list[str]] = {}
     failed: set[str] = set()
     for key, e in plan.entries.items():
         pairs = found.get(key, [])
         if not pairs:
             report.missing.append(key)
+            report.shapes[key] = e.torch_shape
             failed.add(key)
             continue
         for target, k in pairs:
             if src.shape(k) != e.torch_shape:
                 report.shape_mismatches.append((target, src.shape(k), e.torch_shape))
+                if e.raw:
+                    report.hints.append(_RAW_MISMATCH.format(key=target, layer=e.layer))
                 failed.add(key)
         chosen[key] = [k for _, k in pairs]
+    for target in report.unexpected:
+        report.shapes.setdefault(target, src.shape(by_target[target][0]))
     return chosen, failed
+
+
+def _checkpoint_aliases(
+    src: Source,
+    by_target: dict[str, list[str]],
+    found: dict[str, list[tuple[str, str]]],
+    report: LoadReport,
+) -> None:
+    """Unexpected keys that the checkpoint itself stores as the same tensor as a key that
+    loads (`torch.save` keeps tied weights as one storage: `lm_head.weight` and
+    `wte.weight` of a model whose flax twin calls `wte.attend`) are tied aliases, listed in
+    the report, not unexpected: they hold no value of their own."""
+    loaded: dict[Any, str] = {}
+    for key, pairs in found.items():
+        for _, k in pairs:
+            region = src.region(k)
+            if region is not None:
+                loaded.setdefault(region, key)
+    if not loaded:
+        return
+    still = []
+    for target in report.unexpected:
+        region = src.region(by_target[target][0])
+        if region is not None and region in loaded:
+            report.tied_aliases.append((target, loaded[region]))
+            report.checkpoint_aliases[target] = loaded[region]
+        else:
+            still.append(target)
+    report.unexpected[:] = still
 
 
 def _check_ties(plan: Plan, src: Source, chosen: dict[str, list[str]]) -> None:
@@ -356,12 +398,19 @@ def _restore(result: dict[str, Any], report: LoadReport) -> dict[str, Any]:
     """Undo a conversion's renames and casts; order as the checkpoint it came from."""
     original = {target: source for source, target in report.renamed}
     restored: dict[str, Any] = {}
+    cast: dict[tuple[int, str], Any] = {}  # aliases stay one array
     for key, array in result.items():
         name = original.get(key, key)
         stored = report.source_dtypes.get(name)
         if stored is not None and str(array.dtype) != stored:
-            array = array.astype(_dtype_named(stored))
+            ident = (id(array), stored)
+            if ident not in cast:
+                cast[ident] = array.astype(_dtype_named(stored))
+            array = cast[ident]
         restored[name] = array
+    for alias, key in report.checkpoint_aliases.items():  # one tensor in the checkpoint
+        if key in result:
+            restored[original.get(alias, alias)] = restored[original.get(key, key)]
     rank = {key: i for i, key in enumerate(report.source_order)}
     order = sorted(restored, key=lambda k: rank.get(k, len(rank)))
     return {k: restored[k] for k in order}
