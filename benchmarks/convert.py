@@ -10,12 +10,18 @@ measures, each in a fresh subprocess (peak RSS from `getrusage(RUSAGE_SELF).ru_m
 - `floor+layout`: the floor plus the transposes no conversion can avoid (each tensor copied
   once from the memory-mapped file into its flax layout, one thread, no model or checks);
 - `naive`: `torch.load` / `safetensors.torch.load_file`, then numpy transposes and
-  `jnp.asarray` per tensor (what hand-written converters do).
+  `jnp.asarray` per tensor (what hand-written converters do);
+- `fr: HF module`: `from_torch` into the real target, transformers' own `FlaxBertModule`
+  (a model written elsewhere), given `variables={"params": model.params_shape_tree}`;
+- `transformers`: transformers' own converter, `load_pytorch_checkpoint_in_flax_state_dict`,
+  into the same `FlaxBertModel` (which has to be initialised first: its random parameters are
+  created before the measurement starts, so neither their time nor their memory is counted).
 
 Wall time is the conversion alone (imports excluded). `ru_maxrss` is the process peak
 (imports included); `peak` is the RSS high-water mark during the conversion alone (Linux
 VmHWM, reset after imports), `extra` that peak minus the RSS after imports: the memory the
-conversion itself needed. Targets: wall <= 2x floor, extra <= 1.3x the checkpoint size.
+conversion itself needed. Targets: wall <= 2x floor, extra <= 1.3x the checkpoint size, and faster
+than transformers' converter. Each figure is the median of `--repeat` runs (min-max beside).
 
     python benchmarks/convert.py               # BERT-large (needs ~3 GB of /tmp, ~6 GB RAM)
     python benchmarks/convert.py --size small  # a quick check
@@ -220,9 +226,20 @@ def _high_water_mark() -> int:
     return 0
 
 
+_BEGIN: dict[str, Any] = {}
+
+
+def _begin() -> float:
+    """Start the measurement: the RSS now is the baseline, the high-water mark restarts."""
+    gc.collect()
+    _BEGIN["base"] = _rss_now()
+    _BEGIN["reset"] = _reset_high_water_mark()
+    return time.perf_counter()
+
+
 def run_floor(path: Path, size: str) -> Any:
     nbytes = path.stat().st_size
-    start = time.perf_counter()
+    start = _begin()
     buffer = np.empty(nbytes, np.uint8)
     view = memoryview(buffer.data)
     with open(path, "rb", buffering=0) as f:
@@ -239,7 +256,7 @@ def run_floor_layout(path: Path, size: str) -> Any:
     from flax_registry.convert._layout import aligned_empty, copy_tiled
     from flax_registry.io import open_checkpoint
 
-    start = time.perf_counter()
+    start = _begin()
     out = {}
     with open_checkpoint(path) as reader:
         for key in reader:
@@ -260,18 +277,62 @@ def run_flax_registry(path: Path, size: str) -> Any:
 
     model = bert_model(**SIZES[size])
     abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32)))
-    start = time.perf_counter()
+    start = _begin()
     variables, report = from_torch(model, path, variables=abstract)
     jax.block_until_ready(variables)
     assert report.ok, report
     return start, variables
 
 
+def _hf_config(size: str) -> Any:
+    from transformers import BertConfig
+
+    cfg = SIZES[size]
+    return BertConfig(
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["hidden"] // 64,
+        intermediate_size=cfg["inter"],
+        max_position_embeddings=cfg["positions"],
+    )
+
+
+def run_flax_registry_hf(path: Path, size: str) -> Any:
+    import jax
+    from transformers import FlaxBertModel
+
+    from flax_registry.convert import from_torch
+
+    model = FlaxBertModel(_hf_config(size), _do_init=False)
+    target = {"params": model.params_shape_tree}
+    start = _begin()
+    variables, report = from_torch(model.module, path, variables=target)
+    jax.block_until_ready(variables)
+    assert report.ok, report
+    return start, variables
+
+
+def run_transformers(path: Path, size: str) -> Any:
+    import jax
+    from transformers import FlaxBertModel
+    from transformers.modeling_flax_pytorch_utils import (
+        load_pytorch_checkpoint_in_flax_state_dict,
+    )
+
+    model = FlaxBertModel(_hf_config(size), _do_init=True)  # the converter needs its params
+    jax.block_until_ready(model.params)
+    start = _begin()
+    params = load_pytorch_checkpoint_in_flax_state_dict(model, str(path), is_sharded=False)
+    jax.block_until_ready(params)
+    return start, params
+
+
 def run_naive(path: Path, size: str) -> Any:
     import jax.numpy as jnp
     import torch
 
-    start = time.perf_counter()
+    start = _begin()
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -294,17 +355,23 @@ APPROACHES = {
     "floor": run_floor,
     "floor+layout": run_floor_layout,
     "naive": run_naive,
+    "fr: HF module": run_flax_registry_hf,
+    "transformers": run_transformers,
 }
 
 
 def child(approach: str, path: str, size: str) -> None:
     import jax  # imports are not part of any measurement
 
-    if approach == "naive":
+    if approach in ("naive", "transformers"):
         import torch  # noqa: F401
+    if approach in ("fr: HF module", "transformers"):
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        import transformers  # noqa: F401
     jax.devices()
     gc.collect()
     base = _rss_now()
+
     reset = _reset_high_water_mark()
     start, result = APPROACHES[approach](Path(path), size)
     wall = time.perf_counter() - start
@@ -336,7 +403,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", choices=list(SIZES), default="full")
     parser.add_argument("--child", nargs=2, metavar=("APPROACH", "PATH"), help=argparse.SUPPRESS)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per approach (best wall kept)")
+    parser.add_argument("--repeat", type=int, default=3, help="runs per approach (median kept)")
+    parser.add_argument(
+        "--approaches", nargs="*", default=list(APPROACHES), choices=list(APPROACHES)
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args.size)
@@ -346,11 +416,14 @@ def main() -> None:
     directory = Path(tempfile.mkdtemp(prefix="fr_bench_", dir="/tmp"))
     try:
         paths = build(directory, shapes)
-        print(f"BERT ({args.size}): {len(shapes)} tensors, {params / 1e6:.1f}M float32 parameters")
+        print(
+            f"BERT ({args.size}): {len(shapes)} tensors, {params / 1e6:.1f}M float32 parameters; "
+            f"medians of {args.repeat} runs, each in its own process (min-max in brackets)"
+        )
         header = (
-            f"{'format':<12} {'approach':<14} {'wall s':>7} {'x floor':>8} {'x layout':>9} "
-            f"{'ru_maxrss GB':>13} "
-            f"{'peak GB':>8} {'extra GB':>9} {'extra/ckpt':>10}"
+            f"{'format':<12} {'approach':<14} {'wall s':>7} {'(min-max)':>12} {'x floor':>8} "
+            f"{'x layout':>9} {'x transformers':>15} {'extra GB':>9} {'extra/ckpt':>10} "
+            f"{'(min-max)':>12}"
         )
         print(header)
         print("-" * len(header))
@@ -358,21 +431,34 @@ def main() -> None:
             size = path.stat().st_size
             _warm_page_cache(path)  # every approach then reads from the OS page cache
             results = {}
-            for approach in ("floor", "floor+layout", "flax_registry", "naive"):
+            for approach in args.approaches:
                 runs = [measure(approach, path, args.size) for _ in range(args.repeat)]
-                results[approach] = min(runs, key=lambda r: r["wall"])
-            for approach, r in results.items():
-                extra = r["peak"] - r["base"]
+                walls = sorted(r["wall"] for r in runs)
+                extras = sorted((r["peak"] - r["base"]) / size for r in runs)
+                results[approach] = (walls, extras)
+
+            for approach, (walls, extras) in results.items():
                 print(
-                    f"{fmt:<12} {approach:<14} {r['wall']:>7.2f} "
-                    f"{r['wall'] / results['floor']['wall']:>8.2f} "
-                    f"{r['wall'] / results['floor+layout']['wall']:>9.2f} "
-                    f"{r['process_peak'] / 1e9:>13.2f} {r['peak'] / 1e9:>8.2f} {extra / 1e9:>9.2f} "
-                    f"{extra / size:>10.2f}"
+                    f"{fmt:<12} {approach:<14} {_median(walls):>7.2f} "
+                    f"{f'({walls[0]:.2f}-{walls[-1]:.2f})':>12} {_ratio(results, approach, 'floor'):>8} "
+                    f"{_ratio(results, approach, 'floor+layout'):>9} "
+                    f"{_ratio(results, approach, 'transformers'):>15} "
+                    f"{_median(extras) * size / 1e9:>9.2f} {_median(extras):>10.2f} "
+                    f"{f'({extras[0]:.2f}-{extras[-1]:.2f})':>12}"
                 )
             print(f"{fmt:<12} checkpoint size {size / 1e9:.2f} GB")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
+
+
+def _median(values: list[float]) -> float:
+    return float(np.median(values))
+
+
+def _ratio(results: dict[str, Any], approach: str, baseline: str) -> str:
+    if baseline not in results:
+        return "-"
+    return f"{_median(results[approach][0]) / _median(results[baseline][0]):.2f}"
 
 
 if __name__ == "__main__":
