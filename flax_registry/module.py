@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -110,6 +110,15 @@ class Module(nn.Module):
     a name twice raises instead of replacing the tensor; `init` never runs a buffer update
     (the variables it returns are the freshly constructed state, as a new torch module's).
     """
+
+    _version: ClassVar[int] = 1
+    """PyTorch's `_version` of this module's state layout (recorded in a torch state dict's
+    `_metadata`); raise it when a release adds a buffer, as torch's BatchNorm did."""
+
+    _added_in_version: ClassVar[Mapping[str, int]] = {}
+    """Buffers added in a later `_version`, by name: a state dict without version metadata (a
+    hand-made dict, an old file) or of an older version may lack them, and loading then keeps
+    their current value, as PyTorch's `_load_from_state_dict` does for `num_batches_tracked`."""
 
     # --- registration (setup) -------------------------------------------------------------
 

@@ -95,6 +95,21 @@ def _state_entries(node: Node, prefix: str) -> Iterator[tuple[str, Any, Any]]:
         yield from _state_entries(child, prefix + name + ".")
 
 
+def added_later(node: Node, metadata: Mapping[str, Any] | None, prefix: str = "") -> Iterator[str]:
+    """Keys of buffers that a state dict may lack, as PyTorch's `_load_from_state_dict` lets
+    it: a module's `_added_in_version` buffers, when the state dict records no version for
+    the module (`_metadata`, which `torch.nn.Module.state_dict()` writes) or an older one."""
+    added = getattr(type(node.module), "_added_in_version", None) if node.module else None
+    if added:
+        info = metadata.get(prefix[:-1], {}) if metadata is not None else {}
+        version = info.get("version") if isinstance(info, Mapping) else None
+        for name, since in added.items():
+            if version is None or version < since:
+                yield prefix + name
+    for name, child in node.children:
+        yield from added_later(child, metadata, prefix + name + ".")
+
+
 def _get_node(node: Node, target: str) -> Node:
     if target == "":
         return node
@@ -278,9 +293,11 @@ def load_state_dict(
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
     cls = type(module).__name__
-    entries = list(_state_entries(_tree(module, variables), ""))
+    root = _tree(module, variables)
+    entries = list(_state_entries(root, ""))
     expected = {key for key, _, _ in entries}
-    missing = [key for key, _, _ in entries if key not in state_dict]
+    optional = set(added_later(root, getattr(state_dict, "_metadata", None)))
+    missing = [key for key, _, _ in entries if key not in state_dict and key not in optional]
     unexpected = [key for key in state_dict if key not in expected]
     errors: list[str] = []
     updates: list[tuple[Any, Any]] = []
@@ -307,6 +324,9 @@ def load_state_dict(
     if abstract:
         raise RuntimeError(_UNINITIALISED.format(cls=cls, keys=messages.quoted(abstract)))
     new_variables = _copy_dicts(variables)
+    for key, slot, current in entries:
+        if key in optional and key not in state_dict and isinstance(current, jax.ShapeDtypeStruct):
+            updates.append((slot, jnp.zeros(current.shape, current.dtype)))  # a new module's
     for slot, value in updates:
         _set(new_variables, slot.collection, slot.path, value)
     _drop_abstract_non_persistent(new_variables, module)

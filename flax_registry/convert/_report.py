@@ -38,6 +38,10 @@ class LoadReport:
     - `renamed`: `(checkpoint key, model key)` for every key `renames` changed;
     - `dropped`: `(key, reason)` for checkpoint keys deliberately not loaded
       (`num_batches_tracked`: flax BatchNorm has no counter);
+    - `initialized`: model keys freshly initialised from the model's initializers (`init=`);
+    - `defaulted`: buffers a PyTorch module added in a later version (`num_batches_tracked`)
+      that the state dict lacks, as PyTorch allows without version metadata: they keep their
+      current value (0 for abstract variables);
     - `checkpoint_aliases`: checkpoint keys the model has no place for that the checkpoint
       stores as the very same tensor as a key that loads (`torch.save` keeps tied weights
       as one storage), each with that key; also in `tied_aliases`.
@@ -58,6 +62,8 @@ class LoadReport:
     renamed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     dropped: list[tuple[str, str]] = dataclasses.field(default_factory=list)
     checkpoint_aliases: dict[str, str] = dataclasses.field(default_factory=dict)
+    initialized: list[str] = dataclasses.field(default_factory=list)
+    defaulted: list[str] = dataclasses.field(default_factory=list)
     hints: list[str] = dataclasses.field(default_factory=list, repr=False)
     shapes: dict[str, tuple[int, ...]] = dataclasses.field(default_factory=dict, repr=False)
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
@@ -111,6 +117,8 @@ class LoadReport:
             ),
             ("casts", [f"{k}: {a} -> {b}" for k, a, b in self.casts]),
             ("tied aliases", [f"{a} = {b}" for a, b in self.tied_aliases]),
+            ("freshly initialised (init=)", self.initialized),
+            ("kept their current value (added in a later torch version)", self.defaulted),
             ("skipped non-persistent buffers", self.skipped_nonpersistent),
             ("renamed", [f"{a} -> {b}" for a, b in self.renamed]),
             ("dropped", [f"{k} ({why})" for k, why in self.dropped]),

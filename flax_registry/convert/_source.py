@@ -26,6 +26,11 @@ class Source:
         self.name = name
         self._reader = _reader_of(mapping)
         self.keys = list(mapping.keys())
+        # torch's per-module state versions (`state_dict()._metadata`); None when unknown
+        metadata = getattr(mapping, "_metadata", None)
+        self.versions: Mapping[str, Any] | None = (
+            metadata if isinstance(metadata, Mapping) else None
+        )
         bad = [k for k in self.keys if not isinstance(k, str)]
         if bad:
             raise TypeError(
@@ -66,6 +71,12 @@ class Source:
         if isinstance(value, np.ndarray):
             return value[index]
         return np.asarray(value[index])
+
+    def version(self, module_prefix: str) -> int | None:
+        """The `_version` torch recorded for the module at dotted `module_prefix`, if any."""
+        info = self.versions.get(module_prefix) if self.versions is not None else None
+        version = info.get("version") if isinstance(info, Mapping) else None
+        return version if isinstance(version, int) else None
 
     def region(self, key: str) -> tuple[Any, ...] | None:
         """Where the tensor's elements live (address, shape, strides, dtype): two keys with

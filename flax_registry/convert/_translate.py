@@ -8,16 +8,20 @@ export is the inverse layout, in PyTorch's `state_dict` order.
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ._dtypes import DtypePolicy, resolve_dtype
+from ._init import as_patterns, fresh_values, matches
 from ._report import LoadReport
 from ._rules import Rule
 from ._sharding import ShardingSpec, Task, place_all, resolve_sharding
@@ -29,8 +33,9 @@ Renames = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str | 
 _ABSTRACT_LEFT = (
     "Error(s) in loading state_dict for {cls}:\n\tMissing key(s) in state_dict: {keys}. \n"
     "strict=False cannot leave these variables abstract (nothing is ever filled from random "
-    "initialisation). Provide these keys, or pass concrete variables= (e.g. from {cls}.init) "
-    "whose current values should be kept."
+    "initialisation unasked). Provide these keys, pass init=[<glob patterns>] to initialise "
+    "them from the model's initializers (e.g. a new head: init='classifier.*'), or pass "
+    "concrete variables= (e.g. from {cls}.init) whose current values should be kept."
 )
 _TIE_DIFFERS = (
     "tied keys {a!r} and {b!r} are one variable in {cls}, but the checkpoint holds different "
@@ -43,6 +48,11 @@ _RAW_MISMATCH = (
     "(in, out) kernel where torch has (out, in)), register a rule for {layer} with "
     "flax_registry.convert.register_rule (layout=LINEAR for a transpose)."
 )
+_INIT_NOTHING = (
+    "init={patterns} matches no torch key of {cls}; its keys are {keys}... Patterns are globs "
+    "over torch names, e.g. init='classifier.*'."
+)
+_REPLACED = "replaced by a fresh initialisation (init=)"
 _NOT_CONCRETE = (
     "to_torch needs concrete variables: flax variable '{where}' (torch key '{key}') is abstract "
     "({leaf}). Pass the variables that init / from_torch returned."
@@ -109,6 +119,8 @@ def from_torch(
     shardings: ShardingSpec = None,
     mesh: jax.sharding.Mesh | None = None,
     entry: str | None = None,
+    init: str | Sequence[str] | None = None,
+    init_rng: Any = None,
 ) -> tuple[dict[str, Any], LoadReport]:
     """Load a PyTorch `state_dict` or checkpoint into `module`'s variables (all collections).
 
@@ -140,6 +152,15 @@ def from_torch(
     slices it needs (see `_sharding.resolve_sharding`); without them, abstract targets carrying
     shardings and concrete `variables` keep their placement, others go to the default device.
 
+    `init`: glob patterns over torch keys (`"classifier.*"`) whose variables are freshly
+    initialised by the model's own initializers instead of loaded, for fine-tuning with a new
+    head; the checkpoint's tensors under those keys are dropped (listed in the report), and
+    only the chosen variables are computed (`init_rng`, default `jax.random.key(0)`).
+
+    A buffer that a PyTorch module added in a later version (`num_batches_tracked`) may be
+    missing from a state dict without version metadata, as PyTorch allows; it then keeps its
+    current value (0 for abstract variables), listed in `LoadReport.defaulted`.
+
     Differences from `torch.nn.Module.load_state_dict`: returns `(variables, LoadReport)`;
     every name, shape and tie is checked before any tensor is read, and nothing is copied when
     it raises; `strict=True` raises in PyTorch's format for missing, unexpected and
@@ -150,15 +171,29 @@ def from_torch(
     report = LoadReport(cls=plan.cls)
     report.skipped_nonpersistent = list(plan.nonpersistent)
     report.tied_aliases = list(plan.aliases.items())
+    patterns = as_patterns(init)
+    fresh = {k for k in plan.entries if matches(k, patterns)}
+    if patterns and not fresh:
+        raise ValueError(
+            _INIT_NOTHING.format(
+                patterns=list(patterns), cls=plan.cls, keys=list(plan.entries)[:10]
+            )
+        )
+    report.initialized = [k for k in plan.entries if k in fresh]
     with open_source(source, entry) as src:
-        chosen, missing = _match(plan, src, renames, report)
+        chosen, missing = _match(plan, src, renames, report, fresh)
         if strict and not report.ok:
             raise report.error(list(plan.entries))
+        defaulted = set(report.defaulted)
         abstract = [
             key
             for key, e in plan.entries.items()
-            if key in missing and any(isinstance(p.leaf, jax.ShapeDtypeStruct) for p in e.parts)
+            if (key in missing or key in defaulted)
+            and key not in fresh
+            and any(isinstance(p.leaf, jax.ShapeDtypeStruct) for p in e.parts)
         ]
+        zeros = [k for k in abstract if k in defaulted]  # what a new torch module holds
+        abstract = [k for k in abstract if k not in defaulted]
         if abstract:
             keys = ", ".join(f'"{k}"' for k in abstract)
             raise RuntimeError(_ABSTRACT_LEFT.format(cls=plan.cls, keys=keys))
@@ -167,7 +202,7 @@ def from_torch(
         tasks = [
             task
             for key, e in plan.entries.items()
-            if key not in missing
+            if key not in missing and key not in fresh and key not in defaulted
             for task in _tasks(e, chosen[key][0], src, dtype, shardings, mesh, report)
         ]
 
@@ -176,11 +211,52 @@ def from_torch(
             src.release()
 
         place_all(src, tasks, done)
+    for key in zeros:
+        for part in plan.entries[key].parts:
+            value = jnp.zeros(part.shape, part.leaf.dtype)
+            _tree_set(out.setdefault(part.collection, {}), part.path, value)
+    if fresh:
+        _initialise(
+            module,
+            plan,
+            sorted(fresh, key=report.initialized.index),
+            init_rng,
+            out,
+            shardings,
+            mesh,
+        )
     return _prune(out), report
 
 
+def _initialise(
+    module: nn.Module,
+    plan: Plan,
+    keys: list[str],
+    rng: Any,
+    out: dict[str, Any],
+    shardings: ShardingSpec,
+    mesh: Any,
+) -> None:
+    """Fresh values from the model's initializers for the variables of `keys`, into `out`."""
+    parts = [(key, part) for key in keys for part in plan.entries[key].parts]
+    idents = [(p.collection, p.path) for _, p in parts]
+    values = fresh_values(
+        module, plan.inputs, jax.random.key(0) if rng is None else rng, idents, keys
+    )
+    for key, part in parts:
+        value = values[(part.collection, part.path)]
+        sharding = resolve_sharding(shardings, mesh, key, part)
+        if sharding is not None:
+            value = jax.device_put(value, sharding)
+        _tree_set(out.setdefault(part.collection, {}), part.path, value)
+
+
 def _match(
-    plan: Plan, src: Source, renames: Renames | None, report: LoadReport
+    plan: Plan,
+    src: Source,
+    renames: Renames | None,
+    report: LoadReport,
+    fresh: AbstractSet[str] = frozenset(),
 ) -> tuple[dict[str, list[str]], set[str]]:
     """Checkpoint keys for each model key (the first is loaded) and the model keys that cannot
     load (missing or size-mismatched); fills the report's lists. Reads no tensor data except
@@ -199,7 +275,9 @@ def _match(
     found: dict[str, list[tuple[str, str]]] = {}
     for target, keys in by_target.items():
         canonical = plan.aliases.get(target, target)
-        if canonical in plan.entries:
+        if canonical in fresh:
+            report.dropped.extend((k, _REPLACED) for k in keys)
+        elif canonical in plan.entries:
             found.setdefault(canonical, []).extend((target, k) for k in keys)
         elif target in plan.extras:
             report.dropped.append((target, plan.extras[target][1]))
@@ -212,6 +290,13 @@ def _match(
     failed: set[str] = set()
     for key, e in plan.entries.items():
         pairs = found.get(key, [])
+        if key in fresh:
+            continue
+        if not pairs and e.added_in is not None:
+            version = src.version(key.rpartition(".")[0])
+            if version is None or version < e.added_in:  # PyTorch keeps the current value
+                report.defaulted.append(key)
+                continue
         if not pairs:
             report.missing.append(key)
             report.shapes[key] = e.torch_shape
@@ -293,8 +378,29 @@ def _tasks(
         if len(e.parts) > 1:
             offset += part.torch_shape[e.axis]
     for to in sorted(casts):
-        report.casts.append((e.key, str(source_dtype), to))
+        if not _exact_integer_cast(src, src_key, source_dtype, np.dtype(to)):
+            report.casts.append((e.key, str(source_dtype), to))
     return tasks
+
+
+_EXACT_CHECK_LIMIT = 1 << 20  # elements: larger integer tensors are listed unchecked
+
+
+def _exact_integer_cast(src: Source, key: str, source: np.dtype, target: np.dtype) -> bool:
+    """An integer tensor whose every value the target integer type holds (int64 counters as
+    int32 without x64): nothing changes, so the report does not list it. Its source dtype is
+    still recorded for `to_torch(report=)`."""
+    if source.kind not in "iu" or target.kind not in "iu":
+        return False
+    if np.can_cast(source, target, casting="safe"):
+        return True
+    if math.prod(src.shape(key)) > _EXACT_CHECK_LIMIT:
+        return False
+    values = src.read(key)
+    if values.size == 0:
+        return True
+    info = np.iinfo(target)
+    return bool(info.min <= values.min() and values.max() <= info.max)
 
 
 # --- export ----------------------------------------------------------------------------------

@@ -130,6 +130,7 @@ class Entry:
     axis: int = 0
     layer: str = ""
     raw: bool = False
+    added_in: int | None = None  # a buffer added in this module `_version` (see Module)
 
     @property
     def torch_shape(self) -> tuple[int, ...]:
@@ -152,10 +153,17 @@ class Plan:
     order: list[str] = dataclasses.field(default_factory=list)
     nonpersistent: dict[str, tuple[str, tuple[str, ...]]] = dataclasses.field(default_factory=dict)
     records: Records = dataclasses.field(default_factory=dict, repr=False)
+    inputs: Inputs | None = None
     _owners: dict[tuple[Any, ...], str] = dataclasses.field(default_factory=dict)
 
     def add(
-        self, key: str, parts: tuple[Part, ...], axis: int = 0, layer: str = "", raw: bool = False
+        self,
+        key: str,
+        parts: tuple[Part, ...],
+        axis: int = 0,
+        layer: str = "",
+        raw: bool = False,
+        added_in: int | None = None,
     ) -> None:
         ident = (axis, *((p.collection, p.path) for p in parts))
         if key in self.entries or key in self.aliases:
@@ -163,7 +171,7 @@ class Plan:
         if ident in self._owners:  # a tied parameter or a shared module: the same variables
             self.aliases[key] = self._owners[ident]
         else:
-            self.entries[key] = Entry(key, parts, axis, layer, raw)
+            self.entries[key] = Entry(key, parts, axis, layer, raw, added_in)
             self._owners[ident] = key
         self.order.append(key)
 
@@ -322,6 +330,7 @@ class _Walker:
 
     def identity(self, node: Node, prefix: str) -> None:
         layer = node.type_name
+        added = getattr(type(node.module), "_added_in_version", {})
         for name, slot, value in node.parameters:
             self.plan.add(
                 prefix + name, (Part(slot.collection, slot.path, IDENTITY, value),), 0, layer
@@ -329,7 +338,7 @@ class _Walker:
         for name, slot, value in node.buffers:
             if slot.persistent:
                 part = Part(slot.collection, slot.path, IDENTITY, value)
-                self.plan.add(prefix + name, (part,), 0, layer)
+                self.plan.add(prefix + name, (part,), 0, layer, added_in=added.get(name))
             else:
                 self.plan.nonpersistent[prefix + name] = (slot.collection, slot.path)
         for name, child in node.children:
@@ -454,7 +463,7 @@ def make_plan(
             else "the variables passed are empty"
         )
         raise ValueError(_EMPTY.format(cls=cls, why=why))
-    plan = Plan(cls, target, records=records)
+    plan = Plan(cls, target, records=records, inputs=inputs)
     root = build_tree(module.bind(target))
     _Walker(plan, root, records, rules).visit(root, "")
     for alias, canonical in (tied or {}).items():

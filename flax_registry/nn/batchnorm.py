@@ -10,6 +10,7 @@ updated in the returned variables. `train` is a Python bool: under `jax.jit` mar
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -45,6 +46,9 @@ class _NormBase(Module):
     (it loads from and converts to PyTorch's int64 exactly). PyTorch's `device` argument has no
     counterpart: place arrays with JAX.
     """
+
+    _version: ClassVar[int] = 2
+    _added_in_version: ClassVar[Mapping[str, int]] = {"num_batches_tracked": 2}
 
     num_features: int
     eps: float = 1e-5

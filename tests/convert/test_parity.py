@@ -308,7 +308,7 @@ def test_tied_registry_module_round_trip_and_outputs() -> None:
     variables, report = from_torch(RegistryLM(), sd)  # setup-registered: no inputs needed
     assert report.tied_aliases == [("head.weight", "emb.weight")]
     assert report.skipped_nonpersistent == ["emb.scale"]
-    assert report.casts == [("emb.uses", "int64", "int32")]
+    assert report.casts == []  # 5 fits int32: an exact cast is not listed
     assert_bit_identical(to_torch(RegistryLM(), variables, report=report), sd)
     ids = torch.randint(0, 11, (2, 3), generator=torch.Generator().manual_seed(0))
     out, _ = fr.apply(RegistryLM(), variables, jnp.asarray(ids.numpy()))
