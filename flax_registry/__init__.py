@@ -5,18 +5,23 @@ Parameters (learnable, saved) live in the `params` collection, buffers (saved, n
 `state_dict` name.
 """
 
+from . import _linen as _linen  # registers the flax.linen front-end
 from . import checkpoint as checkpoint
+from . import convert as convert
+from . import io as io
+from . import nn as nn
 from . import train as train
-from ._apply import abstract_variables as abstract_variables
-from ._apply import apply as apply
-from ._apply import init_variables as init_variables
+from ._linen import Module as Module
 from ._parameter import Parameter as Parameter
+from ._variables import abstract_variables as abstract_variables
+from ._variables import apply as apply
+from ._variables import init_variables as init_variables
+from ._version import __version__ as __version__
 from .checkpoint import CheckpointManager as CheckpointManager
 from .convert import LoadReport as LoadReport
 from .convert import from_torch as from_torch
 from .convert import register_rule as register_rule
 from .convert import to_torch as to_torch
-from .module import Module as Module
 from .state import IncompatibleKeys as IncompatibleKeys
 from .state import buffers as buffers
 from .state import get_buffer as get_buffer
@@ -34,8 +39,6 @@ from .train import create_train_state as create_train_state
 from .train import make_eval_step as make_eval_step
 from .train import make_train_step as make_train_step
 
-__version__ = "0.1.0"
-
 __all__ = [
     "CheckpointManager",
     "IncompatibleKeys",
@@ -49,12 +52,14 @@ __all__ = [
     "apply",
     "buffers",
     "checkpoint",
+    "convert",
     "create_train_state",
     "from_torch",
     "get_buffer",
     "get_parameter",
     "get_submodule",
     "init_variables",
+    "io",
     "load_state_dict",
     "make_eval_step",
     "make_train_step",

@@ -1,9 +1,13 @@
 """PyTorch's state API as pure functions of `(module, variables)`.
 
 `named_parameters`, `named_buffers`, `named_modules`, `state_dict`, `get_*` and
-`load_state_dict` follow `torch.nn.Module`'s algorithms and orders exactly, over the tree
-that `flax_registry._tree.build_tree` reads from the bound module. Nothing here mutates its
-inputs: `load_state_dict` returns new variables.
+`load_state_dict` follow `torch.nn.Module`'s algorithms and orders exactly
+(`flax_registry._node`), over the tree the module's front-end reads (one build per call).
+Nothing here mutates its inputs: `load_state_dict` returns new variables.
+
+Names: these functions give the model's own names, as PyTorch would list the Flax model as it
+is (registered names; a plain flax layer's own variable names, `proj.kernel`); `to_torch` gives
+the PyTorch twin's names and layouts (`proj.weight`, transposed) through conversion rules.
 """
 
 from __future__ import annotations
@@ -11,20 +15,23 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from . import _messages as messages
+from . import _nested
 from ._arrays import to_array
-from ._tree import Node, build_tree
+from ._frontend import frontend_of
+from ._node import Node, added_later, get_member, get_node, named_members, state_entries
+from ._node import named_modules as _named_modules
 
 Variables = Mapping[str, Any]
 
 
 class IncompatibleKeys(NamedTuple):
-    """What a non-strict `load_state_dict` did not match, as PyTorch's `_IncompatibleKeys`."""
+    """What a non-strict `load_state_dict` did not match, as PyTorch's `_IncompatibleKeys`
+    (`LoadReport.incompatible_keys` gives the same for a conversion)."""
 
     missing_keys: list[str]
     unexpected_keys: list[str]
@@ -41,110 +48,16 @@ class IncompatibleKeys(NamedTuple):
         return self.__repr__()
 
 
-def _tree(module: nn.Module, variables: Variables) -> Node:
-    if module.scope is not None:
-        raise TypeError(
-            f"{type(module).__name__} is already bound; call the method on it instead "
-            "(model.bind(variables).state_dict()), or pass the unbound module."
-        )
-    return build_tree(module.bind(variables))
-
-
-def _join(prefix: str, name: str) -> str:
-    return f"{prefix}.{name}" if prefix else name
-
-
-# --- the PyTorch algorithms over Nodes ---------------------------------------------------------
-
-
-def _named_modules(
-    node: Node, memo: set[int] | None, prefix: str, remove_duplicate: bool
-) -> Iterator[tuple[str, Node]]:
-    if memo is None:
-        memo = set()
-    if id(node) not in memo:
-        if remove_duplicate:
-            memo.add(id(node))
-        yield prefix, node
-        for name, child in node.children:
-            yield from _named_modules(child, memo, _join(prefix, name), remove_duplicate)
-
-
-def _named_members(
-    node: Node, kind: str, prefix: str, recurse: bool, remove_duplicate: bool
-) -> Iterator[tuple[str, Any]]:
-    memo: set[Any] = set()
-    modules = _named_modules(node, None, prefix, remove_duplicate) if recurse else [(prefix, node)]
-    for module_prefix, module in modules:
-        for name, slot, value in getattr(module, kind):
-            if slot.ident in memo:
-                continue
-            if remove_duplicate:
-                memo.add(slot.ident)
-            yield _join(module_prefix, name), value
-
-
-def _state_entries(node: Node, prefix: str) -> Iterator[tuple[str, Any, Any]]:
-    """(key, slot, value) of every `state_dict` entry, with every alias, in PyTorch's order."""
-    for name, slot, value in node.parameters:
-        yield prefix + name, slot, value
-    for name, slot, value in node.buffers:
-        if slot.persistent:
-            yield prefix + name, slot, value
-    for name, child in node.children:
-        yield from _state_entries(child, prefix + name + ".")
-
-
-def added_later(node: Node, metadata: Mapping[str, Any] | None, prefix: str = "") -> Iterator[str]:
-    """Keys of buffers that a state dict may lack, as PyTorch's `_load_from_state_dict` lets
-    it: a module's `_added_in_version` buffers, when the state dict records no version for
-    the module (`_metadata`, which `torch.nn.Module.state_dict()` writes) or an older one."""
-    added = getattr(type(node.module), "_added_in_version", None) if node.module else None
-    if added:
-        info = metadata.get(prefix[:-1], {}) if metadata is not None else {}
-        version = info.get("version") if isinstance(info, Mapping) else None
-        for name, since in added.items():
-            if version is None or version < since:
-                yield prefix + name
-    for name, child in node.children:
-        yield from added_later(child, metadata, prefix + name + ".")
-
-
-def _get_node(node: Node, target: str) -> Node:
-    if target == "":
-        return node
-    current, rest = node, target
-    while rest:
-        # A child of a list attribute has a dotted local name ("heads.1"): longest match wins.
-        match = max(
-            (name for name, _ in current.children if rest == name or rest.startswith(name + ".")),
-            key=len,
-            default=None,
-        )
-        if match is None:
-            raise AttributeError(f"{current.type_name} has no attribute `{rest.split('.')[0]}`")
-        current = dict(current.children)[match]
-        rest = rest[len(match) + 1 :]
-    return current
-
-
-def _get_member(node: Node, target: str, kind: str, what: str) -> Any:
-    module_path, _, name = target.rpartition(".")
-    owner = _get_node(node, module_path)
-    for member, _, value in getattr(owner, kind):
-        if member == name:
-            return value
-    known = [n for n, _, _ in owner.parameters + owner.buffers] + [n for n, _ in owner.children]
-    if name not in known and not (owner.module is not None and hasattr(owner.module, name)):
-        raise AttributeError(f"{owner.type_name} has no attribute `{name}`")
-    raise AttributeError(f"`{name}` is not {what}")
+def _tree(module: Any, variables: Variables | None) -> Node:
+    """The module tree of `module` over `variables` (of a bound `module` when None)."""
+    return frontend_of(module).tree(module, variables)
 
 
 # --- the public pure functions --------------------------------------------------------------
 
 
 def named_parameters(
-    module: nn.Module,
+    module: Any,
     variables: Variables,
     prefix: str = "",
     recurse: bool = True,
@@ -155,23 +68,33 @@ def named_parameters(
     Pre-order over modules; a tensor reached under two names (a shared submodule, a tied
     parameter) is listed once unless `remove_duplicate=False`. Parameters of any flax
     submodule (its `params` collection) are listed under their flax names.
+
+    Args:
+        module: the model definition.
+        variables: its variables (concrete or abstract).
+        prefix: prepended to every name, as in PyTorch.
+        recurse: include submodules' parameters.
+        remove_duplicate: list a tensor reached under several names once.
+
+    Returns:
+        An iterator of `(dotted name, array)`.
     """
-    return named_parameters_of(module.bind(variables), prefix, recurse, remove_duplicate)
+    return named_members(_tree(module, variables), "parameters", prefix, recurse, remove_duplicate)
 
 
 def named_parameters_of(
-    bound: nn.Module, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    bound: Any, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
 ) -> Iterator[tuple[str, jax.Array]]:
-    return _named_members(build_tree(bound), "parameters", prefix, recurse, remove_duplicate)
+    return named_members(_tree(bound, None), "parameters", prefix, recurse, remove_duplicate)
 
 
-def parameters(module: nn.Module, variables: Variables, recurse: bool = True) -> Iterator[Any]:
+def parameters(module: Any, variables: Variables, recurse: bool = True) -> Iterator[Any]:
     """The values of `named_parameters`, as `torch.nn.Module.parameters`."""
     return (value for _, value in named_parameters(module, variables, recurse=recurse))
 
 
 def named_buffers(
-    module: nn.Module,
+    module: Any,
     variables: Variables,
     prefix: str = "",
     recurse: bool = True,
@@ -180,78 +103,92 @@ def named_buffers(
     """`(name, value)` of every buffer, as `torch.nn.Module.named_buffers`.
 
     Non-persistent buffers are included (as in PyTorch); so are the non-`params` collections
-    of flax submodules (`batch_stats`, ...), under their flax names.
+    of flax submodules (`batch_stats`, ...), under their flax names. Arguments as
+    `named_parameters`.
     """
-    return named_buffers_of(module.bind(variables), prefix, recurse, remove_duplicate)
+    return named_members(_tree(module, variables), "buffers", prefix, recurse, remove_duplicate)
 
 
 def named_buffers_of(
-    bound: nn.Module, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
+    bound: Any, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
 ) -> Iterator[tuple[str, jax.Array]]:
-    return _named_members(build_tree(bound), "buffers", prefix, recurse, remove_duplicate)
+    return named_members(_tree(bound, None), "buffers", prefix, recurse, remove_duplicate)
 
 
-def buffers(module: nn.Module, variables: Variables, recurse: bool = True) -> Iterator[Any]:
+def buffers(module: Any, variables: Variables, recurse: bool = True) -> Iterator[Any]:
     """The values of `named_buffers`, as `torch.nn.Module.buffers`."""
     return (value for _, value in named_buffers(module, variables, recurse=recurse))
 
 
 def named_modules(
-    module: nn.Module, variables: Variables, prefix: str = "", remove_duplicate: bool = True
-) -> Iterator[tuple[str, nn.Module | None]]:
+    module: Any, variables: Variables, prefix: str = "", remove_duplicate: bool = True
+) -> Iterator[tuple[str, Any]]:
     """`(name, bound module)` pre-order, as `torch.nn.Module.named_modules`.
 
     A scope that only exists inside a compact `__call__` (flax creates its module object
     during that call only) is listed with `None` in place of the module.
     """
-    return named_modules_of(module.bind(variables), prefix, remove_duplicate)
+    return _modules(_tree(module, variables), prefix, remove_duplicate)
 
 
 def named_modules_of(
-    bound: nn.Module, prefix: str = "", remove_duplicate: bool = True
-) -> Iterator[tuple[str, nn.Module | None]]:
-    for name, node in _named_modules(build_tree(bound), None, prefix, remove_duplicate):
+    bound: Any, prefix: str = "", remove_duplicate: bool = True
+) -> Iterator[tuple[str, Any]]:
+    return _modules(_tree(bound, None), prefix, remove_duplicate)
+
+
+def _modules(root: Node, prefix: str, remove_duplicate: bool) -> Iterator[tuple[str, Any]]:
+    for name, node in _named_modules(root, None, prefix, remove_duplicate):
         yield name, node.module
 
 
-def state_dict(module: nn.Module, variables: Variables, prefix: str = "") -> dict[str, jax.Array]:
+def state_dict(module: Any, variables: Variables, prefix: str = "") -> dict[str, jax.Array]:
     """The PyTorch `state_dict`: parameters, then persistent buffers, then each child's.
 
     Every alias of a shared tensor has its own key, as in PyTorch. Unlike PyTorch the values
-    are the arrays themselves (JAX arrays are immutable, so there is nothing to detach).
+    are the arrays themselves (JAX arrays are immutable, so there is nothing to detach). The
+    names are the model's own (see the module docstring); `to_torch` gives the twin's.
+
+    Args:
+        module: the model definition.
+        variables: its variables.
+        prefix: prepended to every key.
+
+    Returns:
+        `{dotted key: array}` in PyTorch's order.
     """
-    return state_dict_of(module.bind(variables), prefix)
+    return {key: value for key, _, value in state_entries(_tree(module, variables), prefix)}
 
 
-def state_dict_of(bound: nn.Module, prefix: str = "") -> dict[str, jax.Array]:
-    return {key: value for key, _, value in _state_entries(build_tree(bound), prefix)}
+def state_dict_of(bound: Any, prefix: str = "") -> dict[str, jax.Array]:
+    return {key: value for key, _, value in state_entries(_tree(bound, None), prefix)}
 
 
-def get_submodule(module: nn.Module, variables: Variables, target: str) -> nn.Module | None:
+def get_submodule(module: Any, variables: Variables, target: str) -> Any:
     """The bound submodule at dotted `target`, as `torch.nn.Module.get_submodule`."""
-    return get_submodule_of(module.bind(variables), target)
+    return get_node(_tree(module, variables), target).module
 
 
-def get_submodule_of(bound: nn.Module, target: str) -> nn.Module | None:
-    return _get_node(build_tree(bound), target).module
+def get_submodule_of(bound: Any, target: str) -> Any:
+    return get_node(_tree(bound, None), target).module
 
 
-def get_parameter(module: nn.Module, variables: Variables, target: str) -> jax.Array:
+def get_parameter(module: Any, variables: Variables, target: str) -> jax.Array:
     """The parameter at dotted `target`, as `torch.nn.Module.get_parameter`."""
-    return get_parameter_of(module.bind(variables), target)
+    return get_member(_tree(module, variables), target, "parameters", "an nn.Parameter")
 
 
-def get_parameter_of(bound: nn.Module, target: str) -> jax.Array:
-    return _get_member(build_tree(bound), target, "parameters", "an nn.Parameter")
+def get_parameter_of(bound: Any, target: str) -> jax.Array:
+    return get_member(_tree(bound, None), target, "parameters", "an nn.Parameter")
 
 
-def get_buffer(module: nn.Module, variables: Variables, target: str) -> jax.Array:
+def get_buffer(module: Any, variables: Variables, target: str) -> jax.Array:
     """The buffer at dotted `target`, as `torch.nn.Module.get_buffer`."""
-    return get_buffer_of(module.bind(variables), target)
+    return get_member(_tree(module, variables), target, "buffers", "a buffer")
 
 
-def get_buffer_of(bound: nn.Module, target: str) -> jax.Array:
-    return _get_member(build_tree(bound), target, "buffers", "a buffer")
+def get_buffer_of(bound: Any, target: str) -> jax.Array:
+    return get_member(_tree(bound, None), target, "buffers", "a buffer")
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -264,37 +201,45 @@ _UNINITIALISED = (
 )
 
 
-def _copy_dicts(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _copy_dicts(v) for k, v in tree.items()}
-    return tree
-
-
-def _set(tree: dict[str, Any], collection: str, path: tuple[str, ...], value: Any) -> None:
-    node = tree.setdefault(collection, {})
-    for part in path[:-1]:
-        node = node.setdefault(part, {})
-    node[path[-1]] = value
-
-
 def load_state_dict(
-    module: nn.Module, variables: Variables, state_dict: Mapping[str, Any], strict: bool = True
+    module: Any, variables: Variables, state_dict: Mapping[str, Any], strict: bool = True
 ) -> tuple[dict[str, Any], IncompatibleKeys]:
     """Copy a PyTorch-keyed `state_dict` into new variables, as `torch.nn.Module.load_state_dict`.
 
-    Returns `(new_variables, IncompatibleKeys(missing_keys, unexpected_keys))`. `variables`
-    gives the structure, shapes and dtypes (concrete, or abstract from `jax.eval_shape`) and
-    is never modified. Values may be numpy or JAX arrays or torch tensors; each is cast to
-    the model's dtype. As in PyTorch, a shape mismatch raises whether or not `strict`, and
-    `strict=True` raises on missing or unexpected keys with PyTorch's message. Differences:
+    `variables` gives the structure, shapes and dtypes (concrete, or abstract from
+    `jax.eval_shape`) and is never modified. Values may be numpy or JAX arrays or torch
+    tensors; each is cast to the model's dtype. As in PyTorch, a shape mismatch raises whether
+    or not `strict`, `strict=True` raises on missing or unexpected keys with PyTorch's
+    message, and a buffer a module added in a later version (`num_batches_tracked`) may be
+    missing from a state dict without version metadata (it keeps its value). Differences:
     nothing is applied when anything raises (PyTorch may have copied some tensors already),
     and `strict=False` refuses to leave an abstract leaf unfilled.
+
+    Args:
+        module: the model definition (unbound).
+        variables: its variables, concrete or abstract.
+        state_dict: `{dotted key: array or tensor}`.
+        strict: raise on missing or unexpected keys, as PyTorch.
+
+    Returns:
+        `(new_variables, IncompatibleKeys(missing_keys, unexpected_keys))`.
+
+    Example:
+        >>> import flax_registry as fr
+        >>> from flax_registry import nn
+        >>> layer = nn.Linear(3, 2)
+        >>> sd = {"weight": [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], "bias": [0.5, -0.5]}
+        >>> variables, result = fr.load_state_dict(layer, fr.abstract_variables(layer), sd)
+        >>> result
+        <All keys matched successfully>
+        >>> [k for k in fr.state_dict(layer, variables)]
+        ['weight', 'bias']
     """
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
     cls = type(module).__name__
     root = _tree(module, variables)
-    entries = list(_state_entries(root, ""))
+    entries = list(state_entries(root, ""))
     expected = {key for key, _, _ in entries}
     optional = set(added_later(root, getattr(state_dict, "_metadata", None)))
     missing = [key for key, _, _ in entries if key not in state_dict and key not in optional]
@@ -323,25 +268,23 @@ def load_state_dict(
     ]
     if abstract:
         raise RuntimeError(_UNINITIALISED.format(cls=cls, keys=messages.quoted(abstract)))
-    new_variables = _copy_dicts(variables)
+    new_variables = _nested.copy_dicts(variables)
     for key, slot, current in entries:
         if key in optional and key not in state_dict and isinstance(current, jax.ShapeDtypeStruct):
             updates.append((slot, jnp.zeros(current.shape, current.dtype)))  # a new module's
     for slot, value in updates:
-        _set(new_variables, slot.collection, slot.path, value)
-    _drop_abstract_non_persistent(new_variables, module)
+        _nested.set_leaf(new_variables, (slot.collection, *slot.path), value)
+    _drop_abstract_non_persistent(new_variables, root)
     return new_variables, IncompatibleKeys(missing, unexpected)
 
 
-def _drop_abstract_non_persistent(variables: dict[str, Any], module: nn.Module) -> None:
+def _drop_abstract_non_persistent(variables: dict[str, Any], root: Node) -> None:
     """Abstract non-persistent buffers are dropped: apply recomputes them from their initial
     value, as PyTorch's `__init__` does (they are never in a state_dict)."""
-    for _, node in _named_modules(_tree(module, variables), None, "", True):
+    for _, node in _named_modules(root, None, "", True):
         for _, slot, value in node.buffers:
             if not slot.persistent and isinstance(value, jax.ShapeDtypeStruct):
-                parent = variables[slot.collection]
-                for part in slot.path[:-1]:
-                    parent = parent[part]
+                parent = _nested.get(variables, (slot.collection, *slot.path[:-1]))
                 del parent[slot.path[-1]]
 
 

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .. import _messages as messages
-from ..train._names import leaf_paths
+from .._nested import leaf_paths
 
 NO_STEP = (
     "no checkpoint to restore in {directory}: it holds no finished step. Save one first, or "

@@ -5,24 +5,29 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeGuard, cast
 
-import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from .._apply import abstract_variables as _abstract_variables
-from .._apply import init_variables
+from .._frontend import ModuleDef, frontend_of
+from .._names import TorchNames as Layout
+from .._names import torch_names as layout
+from .._nested import leaf_paths, merge, without
 from .._registry import PARAMS
-from ..train._names import Layout, layout, leaf_paths
-from ..train._state import TrainState
+from .._variables import abstract_variables as _abstract_variables
+from .._variables import init_variables
+from .._version import __version__
 from . import _errors
 from ._sharding import ShardingSpec, abstract_with_shardings
-from ._trees import merge, without
+
+if TYPE_CHECKING:
+    from ..train import TrainState
 
 FORMAT = "flax_registry.checkpoint/1"
+_ITEM_COLLECTION = {"params": PARAMS, "buffers": ""}  # buffers: keyed by collection already
 ITEMS = ("params", "buffers", "opt_state", "meta")
 
 
@@ -55,7 +60,7 @@ class CheckpointManager:
     def __init__(
         self,
         directory: str | Path,
-        module: nn.Module,
+        module: ModuleDef,
         *,
         max_to_keep: int | None = 3,
         save_interval_steps: int = 1,
@@ -65,8 +70,7 @@ class CheckpointManager:
         abstract_variables: Mapping[str, Any] | None = None,
         options: ocp.CheckpointManagerOptions | None = None,
     ) -> None:
-        if module.scope is not None:
-            module, _ = module.unbind()
+        module = frontend_of(module).unbound(module)
         self.module = module
         self._abstract = abstract_variables
         self._initial: dict[tuple[str, ...], jax.Array] | None = None
@@ -171,14 +175,16 @@ class CheckpointManager:
         """
         if not force and not self._manager.should_save(step):
             return False
-        variables = state.variables if isinstance(state, TrainState) else state
+        variables: Mapping[str, Any] = (
+            state.variables if _is_train_state(state) else cast(Mapping[str, Any], state)
+        )
         lay = self._layout(variables)
         dropped = _non_persistent(lay)
         items: dict[str, Any] = {
             "params": variables[PARAMS],
             "buffers": without({c: v for c, v in variables.items() if c != PARAMS}, dropped),
         }
-        if isinstance(state, TrainState):
+        if _is_train_state(state):
             items["opt_state"] = state.opt_state
         meta: dict[str, Any] = {
             "format": FORMAT,
@@ -190,7 +196,7 @@ class CheckpointManager:
             "non_persistent": sorted(lay.table[(c, tuple(p))].name for c, *p in dropped),
             "shapes": {k: _shapes(v) for k, v in items.items()},
         }
-        if isinstance(state, TrainState):
+        if _is_train_state(state):
             meta["train_step"] = int(state.step)
             meta["rng"] = np.asarray(state.rng).tolist()
             meta["rng_impl"] = state.rng_impl or _default_impl()
@@ -322,7 +328,12 @@ class CheckpointManager:
                 raise _errors.mismatch_error(item, step, self.directory, cls, errors, saved_by)
         args = {
             k: ocp.args.StandardRestore(
-                abstract_with_shardings(v, functools.partial(_leaf_name, lay, params, k), shardings)
+                abstract_with_shardings(
+                    v,
+                    functools.partial(_leaf_name, lay, params, k),
+                    shardings,
+                    collection=_ITEM_COLLECTION.get(k, k),
+                )
             )
             for k, v in items.items()
         }
@@ -370,6 +381,10 @@ def _default_impl() -> str:
 
 
 def _version() -> str:
-    from .. import __version__
-
     return __version__
+
+
+def _is_train_state(state: Any) -> TypeGuard[TrainState]:
+    """A `flax_registry.train.TrainState` (read by its fields: checkpoints do not import the
+    training package)."""
+    return all(hasattr(state, f) for f in ("params", "buffers", "opt_state", "step", "rng"))

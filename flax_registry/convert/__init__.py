@@ -6,10 +6,10 @@ variables of a `flax_registry` module or of plain Flax code built from standard 
 (`Rule`, picked by layer type); `register_rule` adds one for a layer type of your own.
 """
 
+from .._inputs import Inputs as Inputs
 from ._layout import IDENTITY as IDENTITY
 from ._layout import LINEAR as LINEAR
 from ._layout import Layout as Layout
-from ._record import Inputs as Inputs
 from ._report import LoadReport as LoadReport
 from ._rules import Fused as Fused
 from ._rules import Map as Map

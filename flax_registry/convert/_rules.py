@@ -37,11 +37,10 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import numpy as np
 
 from .._registry import PARAMS
-from ._layout import IDENTITY, LINEAR, Layout
+from ._layout import IDENTITY, Layout
 
 BATCH_STATS = "batch_stats"
 
@@ -249,38 +248,14 @@ class MultiHeadAttentionRule(Rule):
         return Rule(*fused).expand(module, variables)
 
 
-def _norm_rule() -> Rule:
-    return Rule(Map("weight", "scale"), Map("bias", "bias"))
-
-
 NUM_BATCHES_REASON = (
     "flax BatchNorm keeps no batch counter (torch uses it only with momentum=None); "
     "its value is kept in LoadReport.extras and written back by to_torch(..., report=)"
 )
 
-DEFAULT_RULES: dict[type, Rule] = {
-    nn.Dense: Rule(Map("weight", "kernel", layout=LINEAR), Map("bias", "bias")),
-    nn.DenseGeneral: Rule(
-        Map("weight", "kernel", layout=dense_general_layout),
-        Map("bias", "bias", layout=dense_general_bias_layout),
-    ),
-    nn.Conv: Rule(Map("weight", "kernel", layout=conv_layout), Map("bias", "bias")),
-    nn.ConvTranspose: Rule(
-        Map("weight", "kernel", layout=conv_transpose_layout), Map("bias", "bias")
-    ),
-    nn.BatchNorm: Rule(
-        Map("weight", "scale"),
-        Map("bias", "bias"),
-        Map("running_mean", "mean", collection=BATCH_STATS),
-        Map("running_var", "var", collection=BATCH_STATS),
-        TorchOnly("num_batches_tracked", "mean", np.zeros((), np.int64), NUM_BATCHES_REASON),
-    ),
-    nn.LayerNorm: _norm_rule(),
-    nn.GroupNorm: _norm_rule(),
-    nn.RMSNorm: _norm_rule(),
-    nn.Embed: Rule(Map("weight", "embedding")),
-    nn.MultiHeadDotProductAttention: MultiHeadAttentionRule(),
-}
+BUILTIN_RULES: dict[type, Rule] = {}
+"""The rules each front-end adapter registers for its Flax API's own layers (see
+`flax_registry._linen.rules`)."""
 
 _USER_RULES: dict[type, Rule] = {}
 
@@ -294,6 +269,29 @@ def register_rule(layer_type: type, rule: Rule) -> None:
         register_rule(MyLayer, Rule(Map("weight", "kernel", layout=LINEAR), Map("gain", "scale")))
 
     Pass `rules={MyLayer: rule}` to `from_torch` / `to_torch` to use a rule for one call only.
+
+    Args:
+        layer_type: the layer class (subclasses without their own rule use it too).
+        rule: the `Rule`.
+
+    Returns:
+        None.
+
+    Example:
+        >>> import numpy as np, flax.linen as nn
+        >>> import flax_registry as fr
+        >>> from flax_registry.convert import LINEAR, Map, Rule, unregister_rule
+        >>> class Scaled(nn.Module):   # a custom layer: kernel (in, out) and a gain
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         kernel = self.param("kernel", nn.initializers.ones, (x.shape[-1], 2))
+        ...         return x @ kernel * self.param("gain", nn.initializers.ones, (2,))
+        >>> fr.register_rule(Scaled, Rule(Map("weight", "kernel", layout=LINEAR), Map("g", "gain")))
+        >>> torch_state = {"weight": np.ones((2, 3), np.float32), "g": np.ones(2, np.float32)}
+        >>> variables, _ = fr.from_torch(Scaled(), torch_state, example_inputs=(np.ones((1, 3)),))
+        >>> variables["params"]["kernel"].shape
+        (3, 2)
+        >>> unregister_rule(Scaled)
     """
     if not isinstance(layer_type, type):
         raise TypeError(f"register_rule expects a layer class, got {layer_type!r}")
@@ -313,11 +311,9 @@ def unregister_rule(layer_type: type) -> None:
 def find_rule(layer_type: type, overrides: Mapping[type, Rule] | None = None) -> Rule | None:
     """The rule for `layer_type`: the first class in its MRO with a per-call, registered or
     built-in rule (in that order of precedence), or None."""
-    tables: Iterable[Mapping[type, Rule]] = (overrides or {}, _USER_RULES, DEFAULT_RULES)
+    tables: Iterable[Mapping[type, Rule]] = (overrides or {}, _USER_RULES, BUILTIN_RULES)
     for cls in layer_type.__mro__:
         for table in tables:
             if cls in table:
                 return table[cls]
-        if cls is nn.Module:
-            break
     return None

@@ -14,17 +14,18 @@ import collections
 import dataclasses
 import math
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec, Sharding
+from jax.sharding import Sharding
 
+from .._shardings import ShardingSpec, sharding_for
 from ._layout import aligned_empty, copy_tiled
+from ._plan import Part
 from ._source import Source
-from ._walk import Part
 
 Range = tuple[int, int]
 
@@ -147,58 +148,18 @@ def place_all(
             submit()
 
 
-ShardingSpec = Any  # a pytree of Sharding/PartitionSpec, a {key: ...} mapping, or a callable
-
-_NEEDS_MESH = (
-    "shardings gives a PartitionSpec for '{key}' but no mesh was passed: pass mesh=Mesh(...) "
-    "(or NamedSharding objects instead of PartitionSpecs)."
-)
-
-
-def _tree_get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = tree
-    for part in path:
-        if not isinstance(node, Mapping) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
 def resolve_sharding(
     shardings: ShardingSpec,
     mesh: jax.sharding.Mesh | None,
     key: str,
     part: Part,
 ) -> Sharding | None:
-    """The sharding of one target variable.
-
-    `shardings` is a variables-shaped tree (`{'params': {...}}`) of `Sharding`/`PartitionSpec`
-    leaves, a mapping from torch key or flax path (`'params/Dense_0/kernel'`) to one, or a
-    callable `(flax path, shape) -> Sharding | PartitionSpec | None`. Without `shardings`, the
-    target leaf's own sharding is used (a `jax.ShapeDtypeStruct(..., sharding=...)` or a
-    concrete array passed as `variables`). PartitionSpecs are in the FLAX layout of the
-    variable and need `mesh`.
-    """
-    spec: Any = None
-    if shardings is None:
-        spec = getattr(part.leaf, "sharding", None)
-        if isinstance(part.leaf, jax.ShapeDtypeStruct) and spec is None:
-            return None
-    elif callable(shardings) and not isinstance(shardings, Mapping):
-        spec = shardings(part.where, part.shape)
-    elif isinstance(shardings, Mapping):
-        if any(isinstance(v, Mapping) for v in shardings.values()):
-            spec = _tree_get(shardings, (part.collection, *part.path))
-        else:
-            spec = shardings.get(key, shardings.get(part.where))
-    else:
-        raise TypeError(
-            f"shardings must be a tree, a mapping or a callable, got {type(shardings).__name__}"
-        )
-    if spec is None or isinstance(spec, Sharding):
-        return spec
-    if isinstance(spec, PartitionSpec):
-        if mesh is None:
-            raise ValueError(_NEEDS_MESH.format(key=key))
-        return NamedSharding(mesh, spec)
-    raise TypeError(f"sharding for '{key}' must be a Sharding or PartitionSpec, got {spec!r}")
+    """The sharding of one target variable (torch key `key`): from `shardings` (see
+    `flax_registry._shardings`), else the target leaf's own (a `jax.ShapeDtypeStruct(...,
+    sharding=...)` or a concrete array passed as `variables`), else None (the default device)."""
+    leaf = jax.ShapeDtypeStruct(part.shape, part.leaf.dtype)
+    chosen = sharding_for(shardings, key, (part.collection, *part.path), leaf, mesh)
+    if chosen is not None or shardings is not None:
+        return chosen
+    own = getattr(part.leaf, "sharding", None)
+    return own if isinstance(own, Sharding) else None

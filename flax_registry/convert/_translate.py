@@ -1,6 +1,6 @@
 """`from_torch` / `to_torch`: PyTorch state_dicts and checkpoints into any Flax model, and back.
 
-One pure function per direction over the plan of `_walk.make_plan`. Import reads one tensor at
+One pure function per direction over the plan of `_plan.make_plan`. Import reads one tensor at
 a time from a lazy source, checks every name and shape before reading any data, converts the
 layout exactly and places the result (on the default device, or per device with shardings);
 export is the inverse layout, in PyTorch's `state_dict` order.
@@ -15,18 +15,18 @@ from collections.abc import Callable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _nested
+from .._patterns import as_patterns, matches_any
 from ._dtypes import DtypePolicy, resolve_dtype
-from ._init import as_patterns, fresh_values, matches
+from ._plan import Entry, Plan, make_plan
 from ._report import LoadReport
 from ._rules import Rule
 from ._sharding import ShardingSpec, Task, place_all, resolve_sharding
 from ._source import Source, open_source
-from ._walk import Entry, Plan, make_plan
 
 Renames = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str | None]
 
@@ -53,6 +53,11 @@ _INIT_NOTHING = (
     "over torch names, e.g. init='classifier.*'."
 )
 _REPLACED = "replaced by a fresh initialisation (init=)"
+_NEEDS_INPUTS = (
+    "init= cannot initialise {keys} of {cls}: init without inputs does not create them (flax "
+    "layers create their variables when first called). Pass example_inputs= (the inputs "
+    "{cls}.init needs)."
+)
 _NOT_CONCRETE = (
     "to_torch needs concrete variables: flax variable '{where}' (torch key '{key}') is abstract "
     "({leaf}). Pass the variables that init / from_torch returned."
@@ -70,43 +75,12 @@ def _apply_renames(key: str, renames: Renames | None) -> str | None:
     return key
 
 
-def _tree_copy(tree: Any) -> Any:
-    if isinstance(tree, Mapping):
-        return {k: _tree_copy(v) for k, v in tree.items()}
-    return tree
-
-
-def _tree_set(tree: dict[str, Any], path: tuple[str, ...], value: Any) -> None:
-    for part in path[:-1]:
-        tree = tree.setdefault(part, {})
-    tree[path[-1]] = value
-
-
-def _tree_get(tree: Mapping[str, Any], path: tuple[str, ...]) -> Any:
-    node: Any = tree
-    for part in path:
-        node = node[part]
-    return node
-
-
-def _prune(tree: Any) -> Any:
-    """Drop abstract leaves (not loaded, recomputed by the module) and empty dicts."""
-    if not isinstance(tree, Mapping):
-        return None if isinstance(tree, jax.ShapeDtypeStruct) else tree
-    out = {}
-    for k, v in tree.items():
-        pv = _prune(v)
-        if pv is not None and not (isinstance(pv, dict) and not pv):
-            out[k] = pv
-    return out
-
-
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
 def from_torch(
-    module: nn.Module,
+    module: Any,
     source: Any,
     *,
     variables: Any = None,
@@ -166,13 +140,47 @@ def from_torch(
     it raises; `strict=True` raises in PyTorch's format for missing, unexpected and
     size-mismatched keys, while `strict=False` returns them in the report (PyTorch raises on a
     size mismatch even then) but still refuses to leave a variable abstract.
+
+    Args:
+        module: the Flax model definition (unbound).
+        source: a state dict or a checkpoint path.
+        variables: the target's structure (abstract or concrete); default: from the module.
+        example_inputs: inputs of `__call__` for compact models (tuple, dict or `Inputs`).
+        strict: raise on missing, unexpected or mismatched keys.
+        rules: per-call conversion rules by layer type.
+        renames: checkpoint key rewrites.
+        tied: extra torch keys that alias a model key.
+        dtype: the dtype policy.
+        shardings: where each array goes (`flax_registry._shardings`), with `mesh`.
+        mesh: the mesh that `PartitionSpec`s refer to.
+        entry: the nested state dict of a checkpoint file.
+        init: glob patterns of keys to initialise freshly instead of loading.
+        init_rng: the key for `init`.
+
+    Returns:
+        `(variables, LoadReport)`.
+
+    Example:
+        >>> import numpy as np, flax.linen as nn
+        >>> import flax_registry as fr
+        >>> class Net(nn.Module):
+        ...     def setup(self):
+        ...         self.fc = nn.Dense(2)
+        ...     def __call__(self, x):
+        ...         return self.fc(x)
+        >>> torch_state = {"fc.weight": np.ones((2, 3), np.float32), "fc.bias": np.zeros(2, np.float32)}
+        >>> variables, report = fr.from_torch(Net(), torch_state, example_inputs=(np.ones((1, 3)),))
+        >>> variables["params"]["fc"]["kernel"].shape   # flax keeps (in, out)
+        (3, 2)
+        >>> report.ok
+        True
     """
     plan = make_plan(module, variables, example_inputs, rules, tied)
     report = LoadReport(cls=plan.cls)
     report.skipped_nonpersistent = list(plan.nonpersistent)
     report.tied_aliases = list(plan.aliases.items())
     patterns = as_patterns(init)
-    fresh = {k for k in plan.entries if matches(k, patterns)}
+    fresh = {k for k in plan.entries if matches_any(k, patterns)}
     if patterns and not fresh:
         raise ValueError(
             _INIT_NOTHING.format(
@@ -198,7 +206,9 @@ def from_torch(
             keys = ", ".join(f'"{k}"' for k in abstract)
             raise RuntimeError(_ABSTRACT_LEFT.format(cls=plan.cls, keys=keys))
         _check_ties(plan, src, {k: v for k, v in chosen.items() if k not in missing})
-        out = _tree_copy(variables) if variables is not None else {c: {} for c in plan.target}
+        out = (
+            _nested.copy_dicts(variables) if variables is not None else {c: {} for c in plan.target}
+        )
         tasks = [
             task
             for key, e in plan.entries.items()
@@ -207,14 +217,14 @@ def from_torch(
         ]
 
         def done(task: Task, array: jax.Array) -> None:
-            _tree_set(out.setdefault(task.part.collection, {}), task.part.path, array)
+            _nested.set_leaf(out, (task.part.collection, *task.part.path), array)
             src.release()
 
         place_all(src, tasks, done)
     for key in zeros:
         for part in plan.entries[key].parts:
             value = jnp.zeros(part.shape, part.leaf.dtype)
-            _tree_set(out.setdefault(part.collection, {}), part.path, value)
+            _nested.set_leaf(out, (part.collection, *part.path), value)
     if fresh:
         _initialise(
             module,
@@ -225,11 +235,11 @@ def from_torch(
             shardings,
             mesh,
         )
-    return _prune(out), report
+    return _nested.drop_abstract(out), report
 
 
 def _initialise(
-    module: nn.Module,
+    module: Any,
     plan: Plan,
     keys: list[str],
     rng: Any,
@@ -240,15 +250,18 @@ def _initialise(
     """Fresh values from the model's initializers for the variables of `keys`, into `out`."""
     parts = [(key, part) for key in keys for part in plan.entries[key].parts]
     idents = [(p.collection, p.path) for _, p in parts]
-    values = fresh_values(
-        module, plan.inputs, jax.random.key(0) if rng is None else rng, idents, keys
-    )
+    assert plan.frontend is not None
+    rng = jax.random.key(0) if rng is None else rng
+    values = plan.frontend.initial_values(module, plan.inputs, rng, idents)
+    absent = [key for key, p in parts if values.get((p.collection, p.path)) is None]
+    if absent:
+        raise ValueError(_NEEDS_INPUTS.format(keys=absent, cls=plan.cls))
     for key, part in parts:
         value = values[(part.collection, part.path)]
         sharding = resolve_sharding(shardings, mesh, key, part)
         if sharding is not None:
             value = jax.device_put(value, sharding)
-        _tree_set(out.setdefault(part.collection, {}), part.path, value)
+        _nested.set_leaf(out, (part.collection, *part.path), value)
 
 
 def _match(
@@ -427,7 +440,7 @@ def _export(plan: Plan, e: Entry, variables: Mapping[str, Any]) -> np.ndarray:
     pieces = []
     for part in e.parts:
         try:
-            leaf = _tree_get(variables[part.collection], part.path)
+            leaf = _nested.get(variables, (part.collection, *part.path))
         except (KeyError, TypeError):
             raise KeyError(
                 f"to_torch: flax variable '{part.where}' (torch key '{e.key}') is not in the "
@@ -441,7 +454,7 @@ def _export(plan: Plan, e: Entry, variables: Mapping[str, Any]) -> np.ndarray:
 
 
 def to_torch(
-    module: nn.Module,
+    module: Any,
     variables: Mapping[str, Any],
     *,
     as_torch: bool = False,
@@ -462,6 +475,28 @@ def to_torch(
     `report=` (the one `from_torch` returned) writes the checkpoint back as it came: its
     original key names (renames undone), dtypes (casts undone), order, and the values of the
     keys it dropped (`num_batches_tracked`), so torch -> flax -> torch is bit-identical.
+
+    Args:
+        module: the Flax model definition (unbound).
+        variables: its concrete variables.
+        as_torch: return torch tensors instead of NumPy arrays.
+        example_inputs: inputs of `__call__` for compact models (not needed again for the
+            module object `from_torch` converted into).
+        rules: per-call conversion rules by layer type.
+        tied: extra torch keys that alias a model key.
+        report: the `LoadReport` of the conversion to undo exactly.
+
+    Returns:
+        The PyTorch `state_dict`, `{key: array}`.
+
+    Example:
+        >>> import numpy as np, flax.linen as nn
+        >>> import flax_registry as fr
+        >>> dense = nn.Dense(2)
+        >>> variables = {"params": {"kernel": np.arange(6.0).reshape(3, 2), "bias": np.zeros(2)}}
+        >>> state = fr.to_torch(dense, variables)
+        >>> list(state), state["weight"].shape   # torch keeps (out, in)
+        (['weight', 'bias'], (2, 3))
     """
     plan = make_plan(module, variables, example_inputs, rules, tied)
     result: dict[str, Any] = {}

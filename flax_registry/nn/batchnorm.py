@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..module import Module
+from .._linen.module import Module
 from ._norm_functional import batch_norm
 from .normalization import register_affine
 

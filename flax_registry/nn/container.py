@@ -31,8 +31,8 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import flax.linen as nn
 
+from .._linen.module import Module, ensure_setup, registry_of
 from .._parameter import typename
-from ..module import Module, registry_of
 from . import mode
 
 _T = TypeVar("_T", bound=type)
@@ -146,7 +146,7 @@ class Sequential(Module):
         return len(self.layers)
 
     def __iter__(self) -> Iterator[nn.Module]:
-        self._try_setup()
+        ensure_setup(self)
         return iter(self.layers)
 
     @overload
@@ -155,7 +155,7 @@ class Sequential(Module):
     def __getitem__(self, index: slice) -> tuple[nn.Module, ...]: ...
     def __getitem__(self, index: int | str | slice) -> nn.Module | tuple[nn.Module, ...]:
         """A child by position (negative allowed), by name, or a tuple for a slice."""
-        self._try_setup()
+        ensure_setup(self)
         if isinstance(index, str):
             return self.layers[self._child_names().index(index)]
         return _index(self.layers, index, type(self).__name__)
@@ -196,7 +196,7 @@ class ModuleList(Module):
         return len(self.modules)
 
     def __iter__(self) -> Iterator[nn.Module]:
-        self._try_setup()
+        ensure_setup(self)
         return iter(self.modules)
 
     @overload
@@ -204,7 +204,7 @@ class ModuleList(Module):
     @overload
     def __getitem__(self, index: slice) -> tuple[nn.Module, ...]: ...
     def __getitem__(self, index: int | slice) -> nn.Module | tuple[nn.Module, ...]:
-        self._try_setup()
+        ensure_setup(self)
         return _index(self.modules, index, type(self).__name__)
 
 
@@ -229,7 +229,7 @@ class ModuleDict(Module):
         super().__post_init__()
 
     def _items(self) -> Mapping[str, nn.Module]:
-        self._try_setup()
+        ensure_setup(self)
         return self.modules if self.modules is not None else {}
 
     def setup(self) -> None:

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from .._linen.module import Module
 from .._parameter import Parameter
-from ..module import Module
 from . import _init
 
 Array = jax.Array

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 import jax
 import jax.numpy as jnp
 
-from ..module import Module
+from .._linen.module import Module
 
 Array = jax.Array
 

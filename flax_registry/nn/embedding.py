@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .._linen.module import Module
 from .._parameter import Parameter
-from ..module import Module
 from . import _init
 
 Array = jax.Array

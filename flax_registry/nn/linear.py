@@ -19,8 +19,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._linen.module import Module
 from .._parameter import Parameter
-from ..module import Module
 from . import _init
 
 Array = jax.Array

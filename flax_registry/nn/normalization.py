@@ -13,8 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .._linen.module import Module
 from .._parameter import Parameter
-from ..module import Module
 from ._norm_functional import group_norm, layer_norm
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from ..module import Module
+from .._linen.module import Module
 
 Array = jax.Array
 

@@ -17,10 +17,9 @@ from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-from flax.core.scope import Scope
 
+from .._linen.module import Module, is_user_constructed
 from .._parameter import Parameter
-from ..module import Module
 from .dropout import dropout
 
 Array = jax.Array
@@ -51,7 +50,7 @@ class _RNNBase(Module):
     def __post_init__(self) -> None:
         # flax re-creates the module (a clone bound to a Scope) for every init/apply: warn
         # once, when the user constructs it, as torch's constructor does
-        _check_arguments(self, warn=not isinstance(self.parent, Scope))
+        _check_arguments(self, warn=is_user_constructed(self))
         super().__post_init__()
 
     @property

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ..module import Module, registry_of
+from .._linen.module import Module, registry_of
 from .attention import MultiheadAttention, _canonical_mask
 from .container import ModuleList
 from .dropout import Dropout

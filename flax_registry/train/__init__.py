@@ -6,12 +6,12 @@
 - `param_labels`, `ParamGroup`: frozen parameters and parameter groups by dotted names
 """
 
+from .._names import VariableInfo as VariableInfo
+from .._names import variable_names as variable_names
 from ._labels import DEFAULT as DEFAULT
 from ._labels import FROZEN as FROZEN
 from ._labels import ParamGroup as ParamGroup
 from ._labels import param_labels as param_labels
-from ._names import VariableInfo as VariableInfo
-from ._names import variable_names as variable_names
 from ._optim import TorchAdamState as TorchAdamState
 from ._optim import TorchSGDState as TorchSGDState
 from ._optim import torch_adam as torch_adam

@@ -10,19 +10,16 @@ structure of `variables['params']`, built from the registry, for `optax.partitio
 from __future__ import annotations
 
 import dataclasses
-import fnmatch
-import re
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
-import flax.linen as nn
 import jax
 import optax
 
-from ._names import Path, VariableInfo, key_path, param_infos, variable_names
-
-Pattern = Union[str, "re.Pattern[str]"]
-Patterns = Pattern | Sequence[Pattern]
+from .._frontend import ModuleDef
+from .._names import VariableInfo, torch_names
+from .._nested import KeyPath, key_path
+from .._patterns import Pattern, Patterns, as_patterns, matches
 
 FROZEN = "frozen"
 DEFAULT = "default"
@@ -54,22 +51,6 @@ class ParamGroup:
     name: str | None = None
 
 
-def _as_patterns(patterns: Patterns) -> tuple[Pattern, ...]:
-    if isinstance(patterns, str | re.Pattern):
-        return (patterns,)
-    return tuple(patterns)
-
-
-def _matches(pattern: Pattern, names: Sequence[str]) -> bool:
-    if isinstance(pattern, re.Pattern):
-        return any(pattern.fullmatch(n) for n in names)
-    if not isinstance(pattern, str):
-        raise TypeError(
-            f"a parameter pattern must be a str (glob) or a re.Pattern, got {type(pattern)!r}"
-        )
-    return any(fnmatch.fnmatchcase(n, pattern) for n in names)
-
-
 def group_list(
     param_groups: Sequence[ParamGroup | tuple[Patterns, optax.GradientTransformation]],
 ) -> list[ParamGroup]:
@@ -85,13 +66,13 @@ def group_list(
                 f"parameter group name {name!r} is used twice or reserved "
                 f"({FROZEN!r} and {DEFAULT!r} are): give each ParamGroup its own name."
             )
-        patterns = _as_patterns(group.patterns)  # a tuple, so that groups hash
+        patterns = as_patterns(group.patterns)  # a tuple, so that groups hash
         groups.append(dataclasses.replace(group, patterns=patterns, name=name))
     return groups
 
 
 def param_labels(
-    module: nn.Module,
+    module: ModuleDef,
     variables: Mapping[str, Any],
     *,
     frozen: Patterns = (),
@@ -104,16 +85,16 @@ def param_labels(
     or shared) takes a label if any of its names matches. A pattern that matches nothing
     raises, as it is almost always a typo.
     """
-    infos = param_infos(variable_names(module, variables))
+    infos = torch_names(module, variables).parameters()
     return _label_tree(
-        module, variables["params"], infos, _as_patterns(frozen), group_list(param_groups)
+        module, variables["params"], infos, as_patterns(frozen), group_list(param_groups)
     )
 
 
 def _label_tree(
-    module: nn.Module,
+    module: ModuleDef,
     params: Any,
-    infos: Mapping[Path, VariableInfo],
+    infos: Mapping[KeyPath, VariableInfo],
     frozen: Sequence[Pattern],
     groups: Sequence[ParamGroup],
 ) -> Any:
@@ -121,19 +102,19 @@ def _label_tree(
     all_names = [info.name for info in infos.values()]
     examples = ", ".join(repr(n) for n in all_names[:4]) or "(none)"
     for where, patterns in [("frozen", frozen)] + [
-        (f"ParamGroup {g.name!r}", _as_patterns(g.patterns)) for g in groups
+        (f"ParamGroup {g.name!r}", as_patterns(g.patterns)) for g in groups
     ]:
         for pattern in patterns:
-            if not any(_matches(pattern, info.names) for info in infos.values()):
+            if not any(matches(pattern, info.names) for info in infos.values()):
                 raise ValueError(
                     _NO_MATCH.format(where=where, pattern=pattern, cls=cls, examples=examples)
                 )
 
     def label(info: VariableInfo) -> str:
-        if not info.trainable or any(_matches(p, info.names) for p in frozen):
+        if not info.trainable or any(matches(p, info.names) for p in frozen):
             return FROZEN
         for group in groups:
-            if any(_matches(p, info.names) for p in _as_patterns(group.patterns)):
+            if any(matches(p, info.names) for p in as_patterns(group.patterns)):
                 assert group.name is not None
                 return group.name
         return DEFAULT
@@ -153,7 +134,7 @@ def _label_tree(
     return labels
 
 
-def frozen_paths(labels: Any) -> frozenset[Path]:
+def frozen_paths(labels: Any) -> frozenset[KeyPath]:
     """The `params` paths labelled frozen."""
     return frozenset(
         key_path(p) for p, label in jax.tree_util.tree_leaves_with_path(labels) if label == FROZEN

@@ -12,16 +12,19 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
 
+from .._frontend import ModuleDef, frontend_of
+from .._names import torch_names
+from .._nested import KeyPath as Path
+from .._nested import key_path, leaf_paths
+from .._patterns import Patterns, as_patterns
 from .._registry import PARAMS
-from ._labels import ParamGroup, Patterns, _as_patterns, _label_tree, frozen_paths, group_list
+from ._labels import ParamGroup, _label_tree, frozen_paths, group_list
 from ._labels import partition as _partition
-from ._names import Path, key_path, leaf_paths, param_infos, variable_names
 
 
 @struct.dataclass
@@ -51,7 +54,7 @@ class TrainState:
     buffers: dict[str, Any]
     opt_state: Any
     rng: jax.Array
-    module: nn.Module = struct.field(pytree_node=False)
+    module: ModuleDef = struct.field(pytree_node=False)
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     frozen: frozenset[Path] = struct.field(pytree_node=False, default=frozenset())
     rng_impl: str | None = struct.field(pytree_node=False, default=None)
@@ -100,7 +103,7 @@ class TrainState:
         return self.replace(step=self.step + 1, params=params, opt_state=opt_state)
 
     @classmethod
-    def create(cls, module: nn.Module, variables: Mapping[str, Any], tx: Any, **kw: Any) -> Any:
+    def create(cls, module: ModuleDef, variables: Mapping[str, Any], tx: Any, **kw: Any) -> Any:
         """`create_train_state(module, variables, tx, **kw)`."""
         return create_train_state(module, variables, tx, **kw)
 
@@ -144,7 +147,7 @@ def _full_tx(
 
 
 def create_train_state(
-    module: nn.Module,
+    module: ModuleDef,
     variables: Mapping[str, Any],
     tx: optax.GradientTransformation,
     *,
@@ -166,17 +169,38 @@ def create_train_state(
 
     With abstract `variables` (`flax_registry.abstract_variables(module)`) the state is
     abstract too (nothing allocated): the target for `CheckpointManager.restore`.
+
+    Args:
+        module: the model definition.
+        variables: its variables (all collections), concrete or abstract.
+        tx: the optax transformation for every parameter no group claims.
+        rng: an int seed or a key.
+        frozen: dotted-name patterns of parameters never updated.
+        param_groups: `ParamGroup`s (or `(patterns, tx)` pairs).
+
+    Returns:
+        A `TrainState` at step 0.
+
+    Example:
+        >>> import jax
+        >>> import flax_registry as fr
+        >>> from flax_registry import nn
+        >>> model = nn.Linear(3, 2)
+        >>> variables = fr.init_variables(model, jax.random.key(0))
+        >>> state = fr.create_train_state(model, variables, fr.train.torch_sgd(0.1),
+        ...                               frozen=["bias"])
+        >>> int(state.step), sorted(state.params)
+        (0, ['bias', 'weight'])
     """
-    if module.scope is not None:
-        module, _ = module.unbind()
+    module = frontend_of(module).unbound(module)
     if PARAMS not in variables:
         raise ValueError(
             f"variables of {type(module).__name__} have no 'params' collection (found "
             f"{sorted(variables)}): pass the complete variables from init_variables or init."
         )
     groups = group_list(param_groups)
-    infos = param_infos(variable_names(module, variables))
-    labels = _label_tree(module, variables[PARAMS], infos, _as_patterns(frozen), groups)
+    infos = torch_names(module, variables).parameters()
+    labels = _label_tree(module, variables[PARAMS], infos, as_patterns(frozen), groups)
     full_tx = _full_tx(labels, tx, groups)
     params = variables[PARAMS]
     buffers = {c: v for c, v in variables.items() if c != PARAMS}

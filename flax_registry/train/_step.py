@@ -19,12 +19,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .._frontend import ModuleDef, frontend_of
+from .._nested import key_path
 from .._registry import PARAMS
-from ._names import key_path
 from ._state import TrainState
 
 LossFn = Callable[..., Any]
@@ -45,7 +45,7 @@ class Model:
 
     def __init__(
         self,
-        module: nn.Module,
+        module: ModuleDef,
         params: Any,
         buffers: Mapping[str, Any],
         *,
@@ -77,16 +77,25 @@ class Model:
         kwargs = {**self._call_kwargs, **kwargs}
         rngs = self._rngs()
         self._calls += 1
+        frontend = frontend_of(self.module)
         if not self._mutable or not self.buffers:
-            return self.module.apply(self.variables, *args, method=method, rngs=rngs, **kwargs)
-        out, updates = self.module.apply(
-            self.variables, *args, method=method, rngs=rngs, mutable=list(self.buffers), **kwargs
+            return frontend.apply(
+                self.module, self.variables, *args, method=method, rngs=rngs, **kwargs
+            )
+        out, updates = frontend.apply(
+            self.module,
+            self.variables,
+            *args,
+            method=method,
+            rngs=rngs,
+            mutable=list(self.buffers),
+            **kwargs,
         )
         self.buffers = {**self.buffers, **{c: updates[c] for c in self.buffers if c in updates}}
         return out
 
 
-def _accepts_train(module: nn.Module) -> bool:
+def _accepts_train(module: ModuleDef) -> bool:
     try:
         from ..nn.mode import accepts_train
     except ImportError:  # pragma: no cover - nn is optional for training
@@ -96,7 +105,7 @@ def _accepts_train(module: nn.Module) -> bool:
     return accepts_train(module)
 
 
-def _call_kwargs(module: nn.Module, given: Mapping[str, Any] | None, train: bool) -> dict[str, Any]:
+def _call_kwargs(module: ModuleDef, given: Mapping[str, Any] | None, train: bool) -> dict[str, Any]:
     if given is not None:
         return dict(given)
     return {"train": True} if train and _accepts_train(module) else {}

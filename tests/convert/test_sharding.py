@@ -38,7 +38,7 @@ model = Net()
 abstract = jax.eval_shape(lambda: model.init(jax.random.key(0), ids, img))
 rng = np.random.default_rng(0)
 # The torch-side checkpoint: every tensor random, in torch layout.
-from flax_registry.convert._walk import make_plan
+from flax_registry.convert._plan import make_plan
 plan = make_plan(model, example_inputs=(ids, img))
 sd = {k: rng.standard_normal(e.torch_shape).astype(np.float32) for k, e in plan.entries.items()}
 sd["bn.num_batches_tracked"] = np.array(3, np.int64)

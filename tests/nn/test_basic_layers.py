@@ -19,7 +19,7 @@ import torch
 
 import flax_registry as fr
 from flax_registry import nn as frnn
-from flax_registry._tree import build_tree
+from flax_registry._linen.tree import build as build_tree
 from tests.parity import (
     assert_close,
     assert_state_dict_matches,

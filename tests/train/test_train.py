@@ -15,7 +15,7 @@ import torch
 
 import flax_registry as fr
 from flax_registry import train
-from flax_registry.train._names import leaf_paths
+from flax_registry._nested import leaf_paths
 
 from .models import Net, TorchNet, batches, cross_entropy, torch_variables
 

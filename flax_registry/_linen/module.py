@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -10,11 +11,12 @@ import jax
 import jax.numpy as jnp
 from flax.linen.module import _get_unbound_fn
 
-from ._parameter import Parameter, is_array_like, typename
-from ._registry import BUFFERS, PARAMS, Registry, Slot
+from .. import state
+from .._parameter import Parameter, is_array_like, typename
+from .._registry import BUFFERS, PARAMS, Registry, Slot
 
 if TYPE_CHECKING:
-    from .state import IncompatibleKeys
+    from ..state import IncompatibleKeys
 
 _REGISTRY_ATTR = "_fr_registry"
 # Attributes flax itself sets while `setup()` runs: not the user's children.
@@ -77,16 +79,60 @@ def _where(module: nn.Module) -> str:
     return "/" + "/".join(module.scope.path) if module.scope is not None else "<unbound>"
 
 
-def _modules_in(value: Any, prefix: str) -> Iterator[tuple[str, nn.Module]]:
+def modules_in(value: Any, prefix: str) -> Iterator[tuple[str, nn.Module]]:
     """Submodules held by an attribute value, named as PyTorch names container children."""
     if isinstance(value, nn.Module):
         yield prefix, value
     elif isinstance(value, list | tuple):
         for i, item in enumerate(value):
-            yield from _modules_in(item, f"{prefix}.{i}")
+            yield from modules_in(item, f"{prefix}.{i}")
     elif isinstance(value, Mapping):
         for key, item in value.items():
-            yield from _modules_in(item, f"{prefix}.{key}")
+            yield from modules_in(item, f"{prefix}.{key}")
+
+
+def ensure_setup(module: nn.Module) -> None:
+    """Run `setup()` now if it has not run (for containers that hand out their children)."""
+    module._try_setup()
+
+
+def is_user_constructed(module: nn.Module) -> bool:
+    """False for the clone flax makes (bound to a scope) at every init/apply."""
+    from flax.core.scope import Scope
+
+    return not isinstance(module.parent, Scope)
+
+
+def setup_all(module: nn.Module) -> None:
+    """Run `setup()` of every registry module reachable from bound `module` (what a torch
+    module's constructor does: create every registered tensor), reading nothing."""
+    if not isinstance(module, Module):
+        return
+    module._try_setup()
+    registry = registry_of(module)
+    for _, child in [*field_children(module), *registry.modules.items()]:
+        if child is not None:
+            setup_all(child)
+
+
+def field_children(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Submodules passed as constructor arguments (dataclass fields), named by their field, as
+    torch names a module its `__init__` assigned to `self.<arg>`; they come before those of
+    `setup()`. A field the module names itself (a container's children) is skipped."""
+    registry = registry_of(module)
+    taken = {id(child) for child in registry.modules.values()}
+    children = []
+    for field in dataclasses.fields(module):
+        if (
+            not field.init
+            or field.name in ("parent", "name")
+            or field.name in registry.module_attrs
+        ):
+            continue
+        for name, child in modules_in(module.__dict__.get(field.name), field.name):
+            if id(child) not in taken:
+                children.append((name, child))
+    return children
 
 
 class Module(nn.Module):
@@ -267,7 +313,7 @@ class Module(nn.Module):
             if relative in registry.ties:
                 source = _resolve_parameter(parent, registry.ties[relative])
                 expected = jax.eval_shape(param.initial_value, jax.random.key(0)).shape
-                actual = jnp.shape(_read(parent, source))
+                actual = jnp.shape(read(parent, source))
                 if expected != actual:
                     raise ValueError(
                         f"cannot tie '{relative}' to '{registry.ties[relative]}': shapes "
@@ -299,7 +345,7 @@ class Module(nn.Module):
                 "update_buffer()."
             )
         super().__setattr__(name, val)
-        children = list(_modules_in(self.__dict__.get(name), name))
+        children = list(modules_in(self.__dict__.get(name), name))
         if children:
             registry.module_attrs.add(name)
             registry.modules.update(children)
@@ -312,9 +358,9 @@ class Module(nn.Module):
             if registry is None or name.startswith("__"):
                 raise
             if name in registry.parameters:
-                return _read(self, registry.parameters[name])
+                return read(self, registry.parameters[name])
             if name in registry.buffers:
-                return _read(self, registry.buffers[name])
+                return read(self, registry.buffers[name])
             raise
 
     # --- buffer updates (apply) -------------------------------------------------------------
@@ -342,7 +388,7 @@ class Module(nn.Module):
             raise RuntimeError(
                 _IMMUTABLE_BUFFERS.format(name=name, cls=type(self).__name__, where=_where(self))
             )
-        current = _read(self, slot)
+        current = read(self, slot)
         value = jnp.asarray(value)
         if value.shape != jnp.shape(current):
             raise ValueError(
@@ -367,9 +413,7 @@ class Module(nn.Module):
 
         def run_and_setup_all(module: nn.Module, *a: Any, **k: Any) -> Any:
             out = fn(module, *a, **k)
-            from ._tree import build_tree
-
-            build_tree(module)
+            setup_all(module)
             return out
 
         return super().init_with_output(rngs, *args, method=run_and_setup_all, **kwargs)
@@ -380,8 +424,6 @@ class Module(nn.Module):
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, jax.Array]]:
         """`state.named_parameters` on this bound module."""
-        from . import state
-
         return state.named_parameters_of(self, prefix, recurse, remove_duplicate)
 
     def parameters(self, recurse: bool = True) -> Iterator[jax.Array]:
@@ -392,8 +434,6 @@ class Module(nn.Module):
         self, prefix: str = "", recurse: bool = True, remove_duplicate: bool = True
     ) -> Iterator[tuple[str, jax.Array]]:
         """`state.named_buffers` on this bound module."""
-        from . import state
-
         return state.named_buffers_of(self, prefix, recurse, remove_duplicate)
 
     def buffers(self, recurse: bool = True) -> Iterator[jax.Array]:
@@ -404,20 +444,14 @@ class Module(nn.Module):
         self, prefix: str = "", remove_duplicate: bool = True
     ) -> Iterator[tuple[str, nn.Module | None]]:
         """`state.named_modules` on this bound module."""
-        from . import state
-
         return state.named_modules_of(self, prefix, remove_duplicate)
 
     def state_dict(self, prefix: str = "", keep_vars: bool = False) -> dict[str, jax.Array]:
         """`state.state_dict` on this bound module (`keep_vars` is accepted for PyTorch
         compatibility and has no effect: JAX arrays carry no autograd graph)."""
-        from . import state
-
         return state.state_dict_of(self, prefix)
 
     def get_submodule(self, target: str) -> nn.Module | None:
-        from . import state
-
         return state.get_submodule_of(self, target)
 
     def get_parameter(self, target: str) -> jax.Array:
@@ -435,9 +469,7 @@ class Module(nn.Module):
             self._try_setup()
             slot = getattr(registry_of(self), kind).get(target)
             if slot is not None:
-                return _read(self, slot)
-        from . import state
-
+                return read(self, slot)
         getter = state.get_parameter_of if kind == "parameters" else state.get_buffer_of
         return getter(self, target)
 
@@ -446,13 +478,11 @@ class Module(nn.Module):
     ) -> tuple[dict[str, Any], IncompatibleKeys]:
         """`state.load_state_dict` on this bound top-level module: returns the new variables
         and the `IncompatibleKeys` (a bound module cannot change its own variables)."""
-        from . import state
-
         module, variables = self.unbind()
         return state.load_state_dict(module, variables, state_dict, strict=strict)
 
 
-def _read(module: nn.Module, slot: Slot | None) -> Any:
+def read(module: nn.Module, slot: Slot | None) -> Any:
     """The current value of a registered tensor, read through the module that owns it."""
     if slot is None:
         return None

@@ -1,13 +1,17 @@
-"""Running a module with its buffers mutable, and building variables without example inputs."""
+"""Running a module with its buffers mutable, and making its variables without a forward pass.
+
+The counterparts of calling a PyTorch module (whose forward may update buffers in place) and
+of constructing one (which creates every registered tensor). Each dispatches to the module's
+front-end (`flax_registry._frontend`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from typing import Any
 
-import flax.linen as nn
-import jax
-
+from ._frontend import frontend_of
+from ._inputs import Inputs
 from ._registry import BUFFERS, PARAMS
 
 
@@ -17,7 +21,7 @@ def buffer_collections(variables: Mapping[str, Any]) -> list[str]:
 
 
 def apply(
-    module: nn.Module,
+    module: Any,
     variables: Mapping[str, Any],
     *args: Any,
     method: Callable[..., Any] | str | None = None,
@@ -31,38 +35,46 @@ def apply(
     and the updated collections are merged into a new variables dict, so a caller never meets
     flax's `ModifyScopeVariableError`. `variables` is not modified. For inference that must
     not change buffers, call `module.apply(variables, ...)` directly.
+
+    Args:
+        module: the model definition (unbound).
+        variables: all its collections, `{'params': ..., 'buffers': ..., ...}`.
+        *args: the inputs of `__call__` (or of `method`).
+        method: the method to run instead of `__call__`.
+        rngs: PRNG keys by stream name, e.g. `{'dropout': key}`.
+        **kwargs: keyword inputs, e.g. `train=True`.
+
+    Returns:
+        `(output, new_variables)`.
     """
-    out, updates = module.apply(
-        variables, *args, method=method, rngs=rngs, mutable=buffer_collections(variables), **kwargs
+    out, updates = frontend_of(module).apply(
+        module,
+        variables,
+        *args,
+        method=method,
+        rngs=rngs,
+        mutable=buffer_collections(variables),
+        **kwargs,
     )
     return out, {**variables, **updates}
 
 
-def _setup_everything(module: nn.Module) -> None:
-    from ._tree import build_tree
-
-    build_tree(module)
-
-
-def abstract_variables(module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+def abstract_variables(module: Any, *args: Any, **kwargs: Any) -> Any:
     """The variables of `module` as `jax.ShapeDtypeStruct`s, without allocating any weight.
 
     With no arguments, only `setup()` runs (enough for modules that register in `setup()`,
     as every `flax_registry` module does); with example inputs, `module.init(key, *args)`
     runs under `jax.eval_shape`, which compact flax modules need to create their variables.
     """
-    key = jax.random.key(0)
-    if args or kwargs:
-        return jax.eval_shape(lambda: module.init(key, *args, **kwargs))
-    return jax.eval_shape(lambda: module.init(key, method=_setup_everything))
+    inputs = Inputs(*args, **kwargs) if args or kwargs else None
+    return frontend_of(module).abstract_variables(module, inputs)
 
 
-def init_variables(module: nn.Module, key: Any, *args: Any, **kwargs: Any) -> Any:
+def init_variables(module: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
     """Concrete variables: `module.init(key, *args)`, or only `setup()` when no inputs are given.
 
     The counterpart of constructing a torch module: no forward pass is needed for modules
     that register everything in `setup()`.
     """
-    if args or kwargs:
-        return module.init(key, *args, **kwargs)
-    return module.init(key, method=_setup_everything)
+    inputs = Inputs(*args, **kwargs) if args or kwargs else None
+    return frontend_of(module).init_variables(module, key, inputs)

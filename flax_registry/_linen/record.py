@@ -1,52 +1,26 @@
 """The layer type at every flax scope of a model, recorded once and remembered per module.
 
-A conversion rule is picked by the type of the layer that owns a variable. Layers assigned
-in `setup()` are reachable from the bound module; layers created inside a compact
-`__call__` exist only while it runs, so their types are recorded while `init` runs on
-example inputs under `jax.eval_shape` (nothing is allocated), with
-`flax.linen.intercept_methods`. The records are remembered for the module object (by identity), so
-`to_torch(module, ...)` after `from_torch(module, ...)` needs no inputs again.
-
-Example inputs: a tuple is the positional arguments of `__call__`, a mapping its keyword
-arguments (`{"input_ids": ids, "attention_mask": mask}`), and `Inputs(*args, **kwargs)` both.
-A single array is the one positional argument.
+A conversion rule is picked by the type of the layer that owns a variable. Layers assigned in
+`setup()` are reachable from the bound module; layers created inside a compact `__call__`
+exist only while it runs, so their types are recorded while `init` runs on example inputs
+under `jax.eval_shape` (nothing is allocated), with `flax.linen.intercept_methods`. The records
+are remembered for the module object (by identity), so `to_torch(module, ...)` after
+`from_torch(module, ...)` needs no inputs again.
 """
 
 from __future__ import annotations
 
 import collections
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any
 
 import flax.linen as nn
 import jax
 
+from .._inputs import Inputs
+
 Records = dict[tuple[str, ...], nn.Module]
-
-
-class Inputs:
-    """Positional and keyword example inputs for a model's `__call__`, as
-    `Inputs(input_ids, attention_mask=mask, deterministic=True)`."""
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        self.args = args
-        self.kwargs = kwargs
-
-    def __repr__(self) -> str:
-        return f"Inputs(args={len(self.args)}, kwargs={sorted(self.kwargs)})"
-
-
-def as_inputs(example_inputs: Any) -> Inputs | None:
-    """`example_inputs` as an `Inputs` (None stays None)."""
-    if example_inputs is None or isinstance(example_inputs, Inputs):
-        return example_inputs
-    if isinstance(example_inputs, tuple):
-        return Inputs(*example_inputs)
-    if isinstance(example_inputs, Mapping):
-        return Inputs(**example_inputs)
-    return Inputs(example_inputs)
-
 
 _CACHE_SIZE = 16
 _REMEMBERED: collections.OrderedDict[int, tuple[weakref.ref[Any], Records]] = (
@@ -73,7 +47,7 @@ def remembered(module: nn.Module) -> Records:
     there was none; an equal but distinct module has to record its own)."""
     hit = _REMEMBERED.get(id(module))
     if hit is not None and hit[0]() is module:
-        return hit[1]
+        return dict(hit[1])
     return {}
 
 
