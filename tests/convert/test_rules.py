@@ -16,9 +16,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flax_registry.convert import Layout, MultiHeadAttentionRule, from_torch, to_torch
+from flax_registry.convert._plan import Part
 from flax_registry.convert._sharding import read_block
 from flax_registry.convert._source import Source
-from flax_registry.convert._plan import Part
 from tests.convert._helpers import (
     assert_bit_identical,
     channels_first,
