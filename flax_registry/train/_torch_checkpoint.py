@@ -61,7 +61,7 @@ _NO_SCHEDULER = (
     "scheduler_key='<entry>', or give the optimizer a constant lr."
 )
 _UNUSED_SCHEDULER = (
-    "{name}: the checkpoint's entry {key!r} is the state of a PyTorch {cls}, but every group's "
+    "{name}: entry {key!r} is the state of a PyTorch {cls}, but every group's "
     "lr here is a constant. Fix: pass lr=fr.train.{cls}(...).schedule(lr) to each group's "
     "optimizer (or scheduler_key=... naming another entry)."
 )
@@ -296,6 +296,12 @@ def _from_object(
     schedules = [lr for lr in schedules if isinstance(lr, TorchLR)]
     if sched_state is not None and schedules:  # the class first: clearer than an lr mismatch
         check_arguments(_materialize(sched_state), schedules[0].scheduler)
+    if sched_state is not None and not schedules:
+        cls = torch_scheduler_class(sched_state) or "LRScheduler"
+        raise ValueError(_UNUSED_SCHEDULER.format(name=name, key=keys["scheduler"], cls=cls))
+    if sched_state is None and schedules:
+        spec = schedules[0].scheduler.describe()
+        raise ValueError(_NO_SCHEDULER.format(name=name, spec=spec, listing=_listing(obj)))
     model_sd = obj[keys["model"]]
     variables, report = from_torch(
         module,
@@ -314,7 +320,7 @@ def _from_object(
     renamed = dict(report.renamed)
     dropped = {k for k, _ in report.dropped}
     order = [renamed.get(k, k) for k in model_sd if k not in dropped]
-    step, source = args["step"], "step="
+    step, source = args["step"], "step"
     if sched_state is not None:
         last_epoch = int(sched_state["last_epoch"])
         if step is not None and step != last_epoch:

@@ -29,6 +29,7 @@ from ._torch_param_groups import (
     ParamEntry,
     TorchGroup,
     as_torch_optimizer,
+    check_class,
     check_group,
     expected_groups,
     group_dict,
@@ -67,11 +68,11 @@ _SGD_STEP = (
     "steps_per_epoch'), or save a learning-rate scheduler, whose last_epoch gives it."
 )
 _STEP_ARG = (
-    "{source} says {given} steps, but the checkpoint's optimizer state says {found} steps (the "
-    "'step' of param_groups[{index}]'s parameters). Fix: {fix}"
+    "{source} is {given}, but the checkpoint's optimizer state says {found} steps (the 'step' "
+    "of param_groups[{index}]'s parameters). Fix: {fix}"
 )
 STEP_FIXES = {
-    "step=": "drop step=, or pass the right count.",
+    "step": "drop step=, or pass the right count.",
     "the scheduler's last_epoch": (
         "flax_registry's schedules count optimizer steps, so the PyTorch scheduler must have "
         "been stepped once per optimizer.step(); a scheduler stepped once per epoch cannot be "
@@ -221,7 +222,7 @@ def optimizer_state_from_torch(
     example_inputs: Any = None,
     rules: Any = None,
     tied: Mapping[str, str] | None = None,
-    step_source: str = "step=",
+    step_source: str = "step",
 ) -> tuple[TrainState, TorchOptimizerLayout]:
     """`state` with the optimizer state of PyTorch's `optimizer.state_dict()` (the
     counterpart of `optimizer.load_state_dict(torch_state)`), and the layout it was read in.
@@ -261,6 +262,8 @@ def optimizer_state_from_torch(
         ids = list(tgroup["params"])
         trained = label != FROZEN and any(e.label == label for e in members)
         otx = as_torch_optimizer(label, txs[label]) if label in txs else None
+        if otx is not None:  # before the state: a wrong optimizer has the wrong state keys
+            check_class(gi, tgroup, label, otx)
         keys = _expected_keys(otx) if otx is not None else ()
         values: dict[str, dict[Path, np.ndarray]] = {k: {} for k in keys if k != "step"}
         steps: dict[str, int] = {}
@@ -320,7 +323,7 @@ def optimizer_state_from_torch(
                 raise ValueError(
                     _STEP_ARG.format(
                         source=step_source, given=step, found=count, index=gi,
-                        fix=STEP_FIXES.get(step_source, STEP_FIXES["step="]),
+                        fix=STEP_FIXES.get(step_source, STEP_FIXES["step"]),
                     )
                 )  # fmt: skip
         elif with_state:  # SGD with momentum buffers

@@ -80,7 +80,7 @@ _OPT_TYPE = (
     "group with fr.train.torch_{fix}(...), with PyTorch's hyper-parameters."
 )
 _NOT_TORCH = (
-    "flax_registry group {label!r} is trained by {tx!r}, which is not torch_sgd, torch_adam or "
+    "flax_registry group {label!r} is trained by {tx}, which is not torch_sgd, torch_adam or "
     "torch_adamw: PyTorch's optimizer state has no counterpart in it. Fix: use the "
     "fr.train.torch_* optimizer that matches the PyTorch one."
 )
@@ -306,15 +306,12 @@ def torch_hyperparams(tx: TorchOptimizer, count: int) -> dict[str, Any]:
 
 def as_torch_optimizer(label: str, tx: Any) -> TorchOptimizer:
     if not isinstance(tx, TorchOptimizer) or tx.torch_class not in _HPARAM_ORDER:
-        raise TypeError(_NOT_TORCH.format(label=label, tx=tx))
+        raise TypeError(_NOT_TORCH.format(label=label, tx=f"an optax {type(tx).__name__}"))
     return tx
 
 
-def check_group(
-    index: int, group: Mapping[str, Any], label: str, tx: TorchOptimizer, count: int
-) -> dict[str, Any]:
-    """Check PyTorch's `param_groups[index]` against `tx` after `count` steps; return the
-    entries flax_registry does not model (kept for the export)."""
+def check_class(index: int, group: Mapping[str, Any], label: str, tx: TorchOptimizer) -> None:
+    """Check that PyTorch's `param_groups[index]` is of the optimizer class `tx` follows."""
     found_cls = torch_class_of(group)
     expected_cls = tx.torch_class
     same = found_cls == expected_cls or (
@@ -333,6 +330,15 @@ def check_group(
                 fix=_fix_name(found_cls) if found_cls in _HPARAM_ORDER else "sgd/adam/adamw",
             )
         )
+
+
+def check_group(
+    index: int, group: Mapping[str, Any], label: str, tx: TorchOptimizer, count: int
+) -> dict[str, Any]:
+    """Check PyTorch's `param_groups[index]` against `tx` after `count` steps; return the
+    entries flax_registry does not model (kept for the export)."""
+    check_class(index, group, label, tx)
+    expected_cls = tx.torch_class
     desc = f"fr.train.torch_{_fix_name(expected_cls)}"
     for key, expected in torch_hyperparams(tx, count).items():
         if key not in group:
