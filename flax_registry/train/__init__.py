@@ -17,6 +17,8 @@ from ._labels import ParamGroup as ParamGroup
 from ._labels import param_labels as param_labels
 from ._names import VariableInfo as VariableInfo
 from ._names import variable_names as variable_names
+from ._one_cycle import OneCycleLR as OneCycleLR
+from ._one_cycle import TorchMomentum as TorchMomentum
 from ._optim import TorchAdamState as TorchAdamState
 from ._optim import TorchOptimizer as TorchOptimizer
 from ._optim import TorchSGDState as TorchSGDState
@@ -29,7 +31,6 @@ from ._schedules import ExponentialLR as ExponentialLR
 from ._schedules import LambdaLR as LambdaLR
 from ._schedules import LinearLR as LinearLR
 from ._schedules import MultiStepLR as MultiStepLR
-from ._schedules import OneCycleLR as OneCycleLR
 from ._schedules import SequentialLR as SequentialLR
 from ._schedules import StepLR as StepLR
 from ._schedules import TorchLR as TorchLR
@@ -42,9 +43,9 @@ from ._step import make_train_step as make_train_step
 from ._torch_checkpoint import TorchCheckpointExtras as TorchCheckpointExtras
 from ._torch_checkpoint import from_torch_checkpoint as from_torch_checkpoint
 from ._torch_checkpoint import to_torch_checkpoint as to_torch_checkpoint
+from ._torch_optimizer_export import optimizer_state_to_torch as optimizer_state_to_torch
 from ._torch_optimizer_state import TorchOptimizerLayout as TorchOptimizerLayout
 from ._torch_optimizer_state import optimizer_state_from_torch as optimizer_state_from_torch
-from ._torch_optimizer_state import optimizer_state_to_torch as optimizer_state_to_torch
 
 __all__ = [
     "DEFAULT",
@@ -63,6 +64,7 @@ __all__ = [
     "TorchAdamState",
     "TorchCheckpointExtras",
     "TorchLR",
+    "TorchMomentum",
     "TorchOptimizer",
     "TorchOptimizerLayout",
     "TorchSGDState",

@@ -15,15 +15,33 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._one_cycle import OneCycleLR
 from ._schedules import (
     COMMON_STATE_KEYS,
-    SCHEDULERS,
+    ConstantLR,
+    CosineAnnealingLR,
+    ExponentialLR,
     LambdaLR,
-    OneCycleLR,
+    LinearLR,
+    MultiStepLR,
     SequentialLR,
+    StepLR,
     TorchLR,
     TorchScheduler,
 )
+
+SCHEDULERS: tuple[type[TorchScheduler], ...] = (
+    StepLR,
+    MultiStepLR,
+    ConstantLR,
+    ExponentialLR,
+    CosineAnnealingLR,
+    LinearLR,
+    LambdaLR,
+    OneCycleLR,
+    SequentialLR,
+)
+"""Every PyTorch scheduler with a counterpart here."""
 
 _SEQUENTIAL_KEYS = ("_milestones", "last_epoch", "_last_lr", "_schedulers")
 _OPTIONAL_KEYS = ("use_beta1", "verbose")

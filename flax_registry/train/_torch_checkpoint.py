@@ -20,16 +20,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import numpy as np
 import optax
 
-from .._arrays import is_torch_tensor, torch_to_numpy
-from ..convert import LoadReport, from_torch, to_torch
-from ..io._lazy import LazyTensor
+from ..convert import from_torch, to_torch
 from ._labels import DEFAULT, Patterns, group_list
 from ._optim import TorchOptimizer
 from ._scheduler_state import (
-    SchedulerInfo,
     check_arguments,
     check_scheduler_state,
     common_scheduler,
@@ -38,23 +34,18 @@ from ._scheduler_state import (
 )
 from ._schedules import TorchLR
 from ._state import TrainState, create_train_state
-from ._torch_optimizer_state import (
-    Groups,
-    TorchOptimizerLayout,
-    export_optimizer_state,
-    optimizer_state_from_torch,
+from ._torch_checkpoint_entries import (
+    ROLES,
+    TorchCheckpointExtras,
+    describe,
+    find_entry,
+    listing,
+    materialize,
+    to_torch_tree,
 )
+from ._torch_optimizer_export import export_optimizer_state
+from ._torch_optimizer_state import Groups, optimizer_state_from_torch
 
-ROLES = ("model", "optimizer", "scheduler")
-_GRAD_SCALER = {"scale", "growth_factor", "backoff_factor", "growth_interval", "_growth_tracker"}
-
-_NOT_FOUND = (
-    "{name}: found no {what} entry in the checkpoint; its entries are {listing}. Expected {shape}. "
-    "Fix: pass {role}_key='<entry>'."
-)
-_AMBIGUOUS = (
-    "{name}: several entries look like the {what}: {keys}. Fix: pass {role}_key= one of them."
-)
 _NO_SCHEDULER = (
     "{name}: the learning rates here follow {spec}, but the checkpoint has no scheduler state "
     "(entries: {listing}), so the step the schedule has reached is unknown. Fix: pass "
@@ -65,141 +56,6 @@ _UNUSED_SCHEDULER = (
     "lr here is a constant. Fix: pass lr=fr.train.{cls}(...).schedule(lr) to each group's "
     "optimizer (or scheduler_key=... naming another entry)."
 )
-
-
-class TorchCheckpointExtras(dict[str, Any]):
-    """The entries of a PyTorch training checkpoint that are not the model, the optimizer or
-    the scheduler (epoch, RNG states, a GradScaler's state, user metadata), as saved, tensors
-    as NumPy arrays; a dict, so `extras["epoch"]` reads and updates them.
-
-    It also records how the checkpoint was read, so that `to_torch_checkpoint(state, ...,
-    extras=extras)` writes it back as it came: `entries` (role -> key: which entry was the
-    model, optimizer, scheduler), `order` (the checkpoint's top-level keys), `model_report`
-    (the `LoadReport` of the model), `optimizer_layout` and `scheduler` (the state as saved).
-    `str(extras)` lists everything kept.
-    """
-
-    def __init__(self, items: Mapping[str, Any] | None = None) -> None:
-        super().__init__(items or {})
-        self.entries: dict[str, str | None] = dict.fromkeys(ROLES)
-        self.order: list[str] = []
-        self.model_report: LoadReport | None = None
-        self.optimizer_layout: TorchOptimizerLayout | None = None
-        self.scheduler: SchedulerInfo | None = None
-
-    def __str__(self) -> str:
-        lines = ["PyTorch training checkpoint:"]
-        for role in ROLES:
-            key = self.entries.get(role)
-            lines.append(f"  {role}: {'not in the checkpoint' if key is None else repr(key)}")
-        if self.optimizer_layout is not None:
-            lines.extend("  " + line for line in str(self.optimizer_layout).splitlines())
-        if self.scheduler is not None:
-            cls = torch_scheduler_class(self.scheduler.state) or "scheduler"
-            lines.append(f"  {cls} at last_epoch={self.scheduler.last_epoch}")
-        if self:
-            lines.append(f"  kept as extras (not converted), {len(self)} entries:")
-            lines.extend(f"    {k!r}: {describe(v)}" for k, v in self.items())
-        return "\n".join(lines)
-
-
-def describe(x: Any) -> str:
-    """A short description of a checkpoint entry, for listings."""
-    if isinstance(x, LazyTensor | np.ndarray) or is_torch_tensor(x):
-        return f"tensor {np.dtype(x.dtype) if not is_torch_tensor(x) else x.dtype} {tuple(x.shape)}"
-    if isinstance(x, Mapping):
-        if set(x) >= _GRAD_SCALER:
-            return "GradScaler state (no loss scaling in flax_registry yet: kept, not used)"
-        if _is_optimizer(x):
-            return "optimizer state_dict"
-        if _is_scheduler(x):
-            return f"{torch_scheduler_class(x) or 'LRScheduler'} state_dict"
-        if _is_state_dict(x):
-            return f"state_dict of {len(x)} tensors"
-        return f"dict of {len(x)} entries"
-    if isinstance(x, list | tuple):
-        return f"{type(x).__name__} of {len(x)}"
-    return (
-        f"{type(x).__name__} {x!r}" if isinstance(x, int | float | str | bool) else type(x).__name__
-    )
-
-
-def _is_tensor(x: Any) -> bool:
-    return isinstance(x, LazyTensor | np.ndarray | jax.Array) or is_torch_tensor(x)
-
-
-def _is_state_dict(x: Any) -> bool:
-    return (
-        isinstance(x, Mapping)
-        and bool(x)
-        and all(isinstance(k, str) and _is_tensor(v) for k, v in x.items())
-    )
-
-
-def _is_optimizer(x: Any) -> bool:
-    return isinstance(x, Mapping) and set(x) == {"state", "param_groups"}
-
-
-def _is_scheduler(x: Any) -> bool:
-    return isinstance(x, Mapping) and "last_epoch" in x and ("base_lrs" in x or "_schedulers" in x)
-
-
-_SHAPES = {
-    "model": ("model", _is_state_dict, "a state dict (str -> tensor)"),
-    "optimizer": ("optimizer", _is_optimizer, "optimizer.state_dict() ('state', 'param_groups')"),
-    "scheduler": ("scheduler", _is_scheduler, "scheduler.state_dict() ('last_epoch', 'base_lrs')"),
-}
-
-
-def _listing(obj: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k!r} ({describe(v)})" for k, v in obj.items()) or "none"
-
-
-def _find(
-    obj: Mapping[str, Any], role: str, key: str | None, name: str, required: bool
-) -> str | None:
-    what, test, shape = _SHAPES[role]
-    if key is not None:
-        if key not in obj:
-            raise KeyError(
-                f"{name}: {role}_key={key!r} is not an entry of the checkpoint; its entries are "
-                f"{_listing(obj)}."
-            )
-        if not test(obj[key]):
-            raise ValueError(
-                f"{name}: entry {key!r} is {describe(obj[key])}, not {shape}. Fix: pass the "
-                f"{role}_key of the {what} entry."
-            )
-        return key
-    found = [k for k, v in obj.items() if test(v)]
-    if len(found) > 1:
-        raise ValueError(_AMBIGUOUS.format(name=name, what=what, keys=found, role=role))
-    if not found:
-        if required:
-            raise ValueError(
-                _NOT_FOUND.format(
-                    name=name, what=what, listing=_listing(obj), shape=shape, role=role
-                )
-            )
-        return None
-    return found[0]
-
-
-def _materialize(x: Any) -> Any:
-    """Tensors read into NumPy arrays (the file closes after loading), containers kept."""
-    if isinstance(x, LazyTensor):
-        return x.read()
-    if is_torch_tensor(x):
-        return torch_to_numpy(x).copy()
-    if isinstance(x, dict):
-        out = type(x)() if type(x) is not dict else {}
-        out.update({k: _materialize(v) for k, v in x.items()})
-        return out
-    if isinstance(x, list):
-        return [_materialize(v) for v in x]
-    if isinstance(x, tuple) and not hasattr(x, "_fields"):
-        return tuple(_materialize(v) for v in x)
-    return x
 
 
 def from_torch_checkpoint(
@@ -271,10 +127,6 @@ def from_torch_checkpoint(
     return _from_object(checkpoint, "checkpoint", args)
 
 
-def _lrs(labels: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
-    return [(label, otx.hyperparams["lr"]) for label, otx in labels if otx is not None]
-
-
 def _from_object(
     obj: Any, name: str, args: Mapping[str, Any]
 ) -> tuple[TrainState, TorchCheckpointExtras]:
@@ -285,9 +137,9 @@ def _from_object(
         )
     module, tx = args["module"], args["tx"]
     keys = {
-        "model": _find(obj, "model", args["model_key"], name, True),
-        "optimizer": _find(obj, "optimizer", args["optimizer_key"], name, True),
-        "scheduler": _find(obj, "scheduler", args["scheduler_key"], name, False),
+        "model": find_entry(obj, "model", args["model_key"], name, True),
+        "optimizer": find_entry(obj, "optimizer", args["optimizer_key"], name, True),
+        "scheduler": find_entry(obj, "scheduler", args["scheduler_key"], name, False),
     }
     groups = group_list(args["param_groups"])
     txs: dict[str, Any] = {DEFAULT: tx, **{str(g.name): g.tx for g in groups}}
@@ -295,13 +147,13 @@ def _from_object(
     schedules = [t.hyperparams["lr"] for t in txs.values() if isinstance(t, TorchOptimizer)]
     schedules = [lr for lr in schedules if isinstance(lr, TorchLR)]
     if sched_state is not None and schedules:  # the class first: clearer than an lr mismatch
-        check_arguments(_materialize(sched_state), schedules[0].scheduler)
+        check_arguments(materialize(sched_state), schedules[0].scheduler)
     if sched_state is not None and not schedules:
         cls = torch_scheduler_class(sched_state) or "LRScheduler"
         raise ValueError(_UNUSED_SCHEDULER.format(name=name, key=keys["scheduler"], cls=cls))
     if sched_state is None and schedules:
         spec = schedules[0].scheduler.describe()
-        raise ValueError(_NO_SCHEDULER.format(name=name, spec=spec, listing=_listing(obj)))
+        raise ValueError(_NO_SCHEDULER.format(name=name, spec=spec, listing=listing(obj)))
     model_sd = obj[keys["model"]]
     variables, report = from_torch(
         module,
@@ -347,10 +199,10 @@ def _from_object(
     spec = common_scheduler(lrs)
     if spec is not None and sched_state is None:
         raise ValueError(
-            _NO_SCHEDULER.format(name=name, spec=spec.describe(), listing=_listing(obj))
+            _NO_SCHEDULER.format(name=name, spec=spec.describe(), listing=listing(obj))
         )
     extras = TorchCheckpointExtras(
-        {k: _materialize(v) for k, v in obj.items() if k not in keys.values()}
+        {k: materialize(v) for k, v in obj.items() if k not in keys.values()}
     )
     extras.entries, extras.order = keys, list(obj)
     extras.model_report, extras.optimizer_layout = report, layout
@@ -358,24 +210,8 @@ def _from_object(
         if spec is None:
             cls = torch_scheduler_class(sched_state) or "LRScheduler"
             raise ValueError(_UNUSED_SCHEDULER.format(name=name, key=keys["scheduler"], cls=cls))
-        extras.scheduler = check_scheduler_state(_materialize(sched_state), lrs)
+        extras.scheduler = check_scheduler_state(materialize(sched_state), lrs)
     return state, extras
-
-
-def _to_torch_tree(x: Any) -> Any:
-    if isinstance(x, np.ndarray):
-        from ..convert._translate import _numpy_to_torch
-
-        return _numpy_to_torch(x)
-    if isinstance(x, dict):
-        out = type(x)() if type(x) is not dict else {}
-        out.update({k: _to_torch_tree(v) for k, v in x.items()})
-        return out
-    if isinstance(x, list):
-        return [_to_torch_tree(v) for v in x]
-    if isinstance(x, tuple) and not hasattr(x, "_fields"):
-        return tuple(_to_torch_tree(v) for v in x)
-    return x
 
 
 def to_torch_checkpoint(
@@ -452,7 +288,7 @@ def to_torch_checkpoint(
         if key in entries or key == names["model"]:
             raise ValueError(f"extras entry {key!r} has the name of the {key} entry; rename it.")
         entries[key] = value
-    entries = {names["model"]: model_sd, **(_to_torch_tree(entries) if as_torch else entries)}
+    entries = {names["model"]: model_sd, **(to_torch_tree(entries) if as_torch else entries)}
     if info is not None and info.order:
         rank = {k: i for i, k in enumerate(info.order)}
         entries = dict(sorted(entries.items(), key=lambda kv: rank.get(kv[0], len(rank))))

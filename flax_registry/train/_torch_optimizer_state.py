@@ -26,13 +26,12 @@ from ._names import Path, key_path, param_infos, variable_names
 from ._optim import TorchAdamState, TorchOptimizer, TorchSGDState
 from ._state import TrainState
 from ._torch_param_groups import (
+    TORCH_ONLY_DEFAULTS,
     ParamEntry,
     TorchGroup,
     as_torch_optimizer,
     check_class,
     check_group,
-    expected_groups,
-    group_dict,
     match_groups,
     param_entries,
 )
@@ -101,8 +100,10 @@ class TorchOptimizerLayout:
 
     def __str__(self) -> str:
         lines = [f"PyTorch optimizer: {len(self.groups)} param group(s)"]
+        defaults = TORCH_ONLY_DEFAULTS["Adam"]
         for i, g in enumerate(self.groups):
-            extra = f", kept: {sorted(g.torch_only)}" if g.torch_only else ""
+            kept = {k: v for k, v in g.torch_only.items() if k not in defaults or defaults[k] != v}
+            extra = f", kept as they are: {kept}" if kept else ""
             lines.append(
                 f"  param_groups[{i}] = group {g.label!r}: {len(g.names)} parameters{extra}"
             )
@@ -117,7 +118,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x)
 
 
-def _inner_states(opt_state: Any) -> dict[str, Any]:
+def inner_states(opt_state: Any) -> dict[str, Any]:
     if not isinstance(opt_state, optax.transforms.PartitionState):
         raise TypeError(
             f"state.opt_state is a {type(opt_state).__name__}, not the optax.partition state "
@@ -134,7 +135,7 @@ def _replace_inner(opt_state: Any, inner: Mapping[str, Any]) -> Any:
     return opt_state._replace(inner_states=states)
 
 
-def _tree_get(tree: Any, path: Path) -> Any:
+def tree_get(tree: Any, path: Path) -> Any:
     for part in path:
         tree = tree[part]
     return tree
@@ -144,7 +145,7 @@ def _tree_with(tree: Any, values: Mapping[Path, Any]) -> Any:
     return jax.tree_util.tree_map_with_path(lambda kp, x: values.get(key_path(kp), x), tree)
 
 
-def _plan_and_entries(
+def plan_and_entries(
     state: TrainState,
     groups: Sequence[ParamGroup],
     order: Sequence[str] | None,
@@ -158,7 +159,7 @@ def _plan_and_entries(
     return plan, param_entries(plan, infos, state.frozen, groups, order)
 
 
-def _labels(groups: Sequence[ParamGroup], group_order: Sequence[str] | None) -> list[str]:
+def group_labels(groups: Sequence[ParamGroup], group_order: Sequence[str] | None) -> list[str]:
     known = [DEFAULT, *(g.name for g in groups if g.name is not None)]
     if group_order is None:
         return known
@@ -189,12 +190,6 @@ def _to_flax(entry: ParamEntry, array: np.ndarray) -> dict[Path, np.ndarray]:
             piece, offset = array[tuple(index)], offset + size
         out[part.path] = np.asarray(part.layout.to_flax(piece, part.shape), part.leaf.dtype)
     return out
-
-
-def _to_torch(entry: ParamEntry, tree: Any) -> np.ndarray:
-    pieces = [part.layout.to_torch(np.asarray(_tree_get(tree, part.path))) for part in entry.parts]
-    array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=entry.axis)
-    return np.array(array, copy=True)
 
 
 def _state_of(states: Mapping[Any, Any], index: Any) -> dict[str, Any] | None:
@@ -248,13 +243,13 @@ def optimizer_state_from_torch(
     """
     groups = group_list(param_groups)
     txs: dict[str, Any] = {DEFAULT: tx, **{g.name: g.tx for g in groups if g.name is not None}}
-    plan, entries = _plan_and_entries(state, groups, param_order, example_inputs, rules, tied)
+    plan, entries = plan_and_entries(state, groups, param_order, example_inputs, rules, tied)
     torch_groups = list(torch_state["param_groups"])
     states = torch_state["state"]
     matched, frozen_in = match_groups(
-        torch_groups, entries, _labels(groups, group_order), frozen_in_optimizer, plan.cls
+        torch_groups, entries, group_labels(groups, group_order), frozen_in_optimizer, plan.cls
     )
-    inner = _inner_states(state.opt_state)
+    inner = inner_states(state.opt_state)
     layout = TorchOptimizerLayout([], frozen_in)
     new_inner: dict[str, Any] = {}
     counts: list[int] = []
@@ -362,134 +357,3 @@ def _load_inner(inner: Any, values: Mapping[str, Mapping[Path, np.ndarray]], cou
                 fields[key] = _tree_with(getattr(inner, key), new)
         return inner._replace(step=step, **fields)
     raise TypeError(f"unexpected optimizer state {type(inner).__name__}")  # pragma: no cover
-
-
-def optimizer_state_to_torch(
-    state: TrainState,
-    tx: optax.GradientTransformation,
-    *,
-    param_groups: Groups = (),
-    layout: TorchOptimizerLayout | None = None,
-    group_order: Sequence[str] | None = None,
-    frozen_in_optimizer: bool = False,
-    as_torch: bool = False,
-    example_inputs: Any = None,
-    rules: Any = None,
-    tied: Mapping[str, str] | None = None,
-) -> dict[str, Any]:
-    """PyTorch's `optimizer.state_dict()` for `state`: what `optimizer.load_state_dict`
-    accepts for a PyTorch optimizer built over the same groups (the inverse of
-    `optimizer_state_from_torch`).
-
-    `layout` (from `optimizer_state_from_torch` / `from_torch_checkpoint`) writes the groups
-    as they came, with the entries not modelled here and the state of parameters frozen here;
-    without it, groups are `group_order` (default `"default"`, then the `ParamGroup`s), each
-    in model order, frozen parameters left out unless `frozen_in_optimizer`. Tensors are NumPy
-    arrays, or torch tensors with `as_torch=True`; Adam's `step` is a float32 scalar tensor as
-    in PyTorch, and parameters hold no state before the first step, as in PyTorch.
-    """
-    result, _ = export_optimizer_state(
-        state,
-        tx,
-        param_groups,
-        layout,
-        group_order,
-        frozen_in_optimizer,
-        example_inputs,
-        rules,
-        tied,
-    )
-    return _as_torch(result) if as_torch else result
-
-
-def export_optimizer_state(
-    state: TrainState,
-    tx: optax.GradientTransformation,
-    param_groups: Groups,
-    layout: TorchOptimizerLayout | None,
-    group_order: Sequence[str] | None,
-    frozen_in_optimizer: bool,
-    example_inputs: Any,
-    rules: Any,
-    tied: Mapping[str, str] | None,
-) -> tuple[dict[str, Any], list[tuple[str, int, Any]]]:
-    """`optimizer_state_to_torch` (NumPy), and each PyTorch group's label, step count and
-    optimizer (None for a group of frozen parameters only)."""
-    groups = group_list(param_groups)
-    txs: dict[str, Any] = {DEFAULT: tx, **{g.name: g.tx for g in groups if g.name is not None}}
-    order = [n for g in layout.groups for n in g.names] if layout is not None else None
-    plan, entries = _plan_and_entries(state, groups, None, example_inputs, rules, tied)
-    by_name = {e.name: e for e in entries}
-    if layout is not None:
-        missing = [n for n in order or [] if plan.aliases.get(n, n) not in by_name]
-        if missing:
-            raise ValueError(f"layout lists {missing}, which are not parameters of {plan.cls}")
-        torch_groups = [
-            (g.label, [by_name[plan.aliases.get(n, n)] for n in g.names], g.torch_only, g.key_order)
-            for g in layout.groups
-        ]
-    else:
-        torch_groups = [
-            (label, members, {}, [])
-            for label, members in expected_groups(
-                entries, _labels(groups, group_order), frozen_in_optimizer
-            )
-        ]
-    inner = _inner_states(state.opt_state)
-    out_state: dict[int, dict[str, Any]] = {}
-    out_groups: list[dict[str, Any]] = []
-    info: list[tuple[str, int, Any]] = []
-    index = 0
-    for label, members, torch_only, key_order in torch_groups:
-        s = inner.get(label)
-        count = int(s.step) if s is not None else int(state.step)
-        ids = []
-        for entry in members:
-            ids.append(index)
-            if entry.label == FROZEN:
-                kept = layout.frozen_state.get(entry.name) if layout is not None else None
-                if kept:
-                    out_state[index] = dict(kept)
-            elif count > 0 and s is not None:
-                param_state = _torch_param_state(s, entry, count)
-                if param_state:  # SGD without momentum keeps nothing, as in PyTorch
-                    out_state[index] = param_state
-            index += 1
-        if label in txs:
-            otx = as_torch_optimizer(label, txs[label])
-            extra = dict(torch_only)
-            if "param_names" in extra:
-                extra["param_names"] = [e.name for e in members]
-            out_groups.append(group_dict(otx, count, extra, ids, key_order))
-            info.append((label, count, otx))
-        else:
-            out_groups.append({**torch_only, "params": ids})
-            info.append((label, count, None))
-    return {"state": out_state, "param_groups": out_groups}, info
-
-
-def _torch_param_state(s: Any, entry: ParamEntry, count: int) -> dict[str, Any]:
-    if isinstance(s, TorchSGDState):
-        if isinstance(s.momentum_buffer, optax.EmptyState):
-            return {}
-        return {"momentum_buffer": _to_torch(entry, s.momentum_buffer)}
-    out: dict[str, Any] = {"step": np.asarray(count, np.float32)}
-    out["exp_avg"] = _to_torch(entry, s.exp_avg)
-    out["exp_avg_sq"] = _to_torch(entry, s.exp_avg_sq)
-    if not isinstance(s.max_exp_avg_sq, optax.EmptyState):
-        out["max_exp_avg_sq"] = _to_torch(entry, s.max_exp_avg_sq)
-    return out
-
-
-def _as_torch(result: dict[str, Any]) -> dict[str, Any]:
-    from ..convert._translate import _numpy_to_torch
-
-    def convert(x: Any) -> Any:
-        if isinstance(x, np.ndarray):
-            return _numpy_to_torch(x)
-        if isinstance(x, dict):
-            return {k: convert(v) for k, v in x.items()}
-        return x
-
-    result["state"] = {i: convert(st) for i, st in result["state"].items()}
-    return result

@@ -20,8 +20,9 @@ from .._registry import PARAMS
 from ..convert._walk import Part, Plan
 from ._labels import DEFAULT, FROZEN, ParamGroup, _as_patterns, _matches
 from ._names import Path, VariableInfo
+from ._one_cycle import OneCycleLR, TorchMomentum
 from ._optim import TorchOptimizer
-from ._schedules import OneCycleLR, TorchLR, TorchMomentum
+from ._schedules import TorchLR
 
 TORCH_ONLY_DEFAULTS: dict[str, dict[str, Any]] = {
     "SGD": {"foreach": None, "differentiable": False, "fused": None},
