@@ -50,6 +50,11 @@ _STATE_SHAPE = (
     "order{order}). Fix: pass param_order=[names in the order given to the PyTorch optimizer] "
     "or group_order=[...]."
 )
+_LEFT_OUT = (
+    "parameters {names} of {cls} are trained here but in none of the checkpoint's "
+    "param_groups: PyTorch's optimizer did not train them. Fix: freeze them (frozen=[...]), "
+    "or list their group in group_order."
+)
 _STEPS_DIFFER = (
     "optimizer state: parameter {a!r} has step {sa} and parameter {b!r} has step {sb} in the "
     "same param_groups[{index}]; flax_registry keeps one step count per group. Fix: load a "
@@ -249,6 +254,10 @@ def optimizer_state_from_torch(
     matched, frozen_in = match_groups(
         torch_groups, entries, group_labels(groups, group_order), frozen_in_optimizer, plan.cls
     )
+    placed = {e.name for _, members in matched for e in members}
+    left_out = [e.name for e in entries if e.label != FROZEN and e.name not in placed]
+    if left_out:
+        raise ValueError(_LEFT_OUT.format(names=left_out, cls=plan.cls))
     inner = inner_states(state.opt_state)
     layout = TorchOptimizerLayout([], frozen_in)
     new_inner: dict[str, Any] = {}

@@ -236,6 +236,10 @@ def test_mismatches_raise_naming_the_group_the_parameter_and_both_sides() -> Non
     with pytest.raises(ValueError, match=r"step is 7, but the checkpoint's optimizer state says 1 steps"):  # fmt: skip
         train.optimizer_state_from_torch(state, saved, tx, step=7)
 
+    saved, _ = _saved(adam, lambda n: [(k, p) for k, p in n.named_parameters() if k != "fc.bias"])
+    with pytest.raises(ValueError, match=r"parameters \['fc.bias'\] of Net are trained here but in none of the checkpoint's param_groups"):  # fmt: skip
+        train.optimizer_state_from_torch(state, saved, tx)
+
     sgd = train.torch_sgd(1e-2, momentum=0.9)
     sgd_state, _ = _net_state(sgd)
     saved, _ = _saved(lambda p: torch.optim.SGD(p, lr=1e-2, momentum=0.9))
