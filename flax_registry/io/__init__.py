@@ -4,6 +4,8 @@
 read until a tensor is, pickled files go through an allowlist unpickler that never executes
 code, and every malformed file raises :class:`CheckpointError` naming the file and the fix.
 ``save_safetensors`` writes one tensor at a time, atomically, optionally sharded.
+``load_torch_object(path)`` returns the whole object a ``torch.save`` file holds (a training
+checkpoint's nested dicts and lists), tensors lazy.
 """
 
 from ._errors import CheckpointError as CheckpointError
@@ -13,12 +15,16 @@ from ._reader import CheckpointReader as CheckpointReader
 from ._reader import open_checkpoint as open_checkpoint
 from ._save import parse_size as parse_size
 from ._save import save_safetensors as save_safetensors
+from ._torch_object import TorchObject as TorchObject
+from ._torch_object import load_torch_object as load_torch_object
 
 __all__ = [
     "CheckpointError",
     "CheckpointReader",
     "ForbiddenGlobalError",
     "LazyTensor",
+    "TorchObject",
+    "load_torch_object",
     "open_checkpoint",
     "parse_size",
     "save_safetensors",

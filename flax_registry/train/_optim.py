@@ -21,11 +21,19 @@ Why not `optax.sgd` / `optax.adamw`? They agree with PyTorch only for some setti
 The bias corrections `1 - beta**t` are computed as `-expm1(t * log(beta))`: PyTorch computes
 them in float64 on the host, and the naive float32 power loses about 1e-5 relative precision
 for `beta2 = 0.999`.
+
+Each factory returns a `TorchOptimizer`: an ordinary optax `GradientTransformation` that also
+records the `torch.optim` class it follows and its hyper-parameters under PyTorch's
+`param_groups` names, so that a training run can move to and from PyTorch with its optimizer
+state (`flax_registry.train.from_torch_checkpoint`). `lr` may be an optax schedule, and so may
+SGD's `momentum` and Adam's `beta1` (PyTorch's `OneCycleLR(cycle_momentum=True)` changes them
+every step).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple, TypeAlias
 
 import jax
@@ -58,6 +66,35 @@ class TorchAdamState(NamedTuple):
     max_exp_avg_sq: Any
 
 
+class TorchOptimizer(optax.GradientTransformation):
+    """An optax `GradientTransformation` that knows which `torch.optim` optimizer it is.
+
+    `torch_class` is `"SGD"`, `"Adam"` or `"AdamW"`; `hyperparams` holds the arguments under
+    the names of PyTorch's `param_groups` (`lr`, `momentum`, `betas`, ...; a schedule where one
+    was given). optax sees a plain `(init, update)` pair: the two extra attributes are read
+    only when optimizer state is converted to or from PyTorch's `optimizer.state_dict()`.
+    """
+
+    torch_class: str
+    hyperparams: Mapping[str, Any]
+
+    def __new__(
+        cls,
+        init: Any,
+        update: Any,
+        torch_class: str = "",
+        hyperparams: Mapping[str, Any] | None = None,
+    ) -> TorchOptimizer:
+        self = super().__new__(cls, init, update)
+        self.torch_class = torch_class
+        self.hyperparams = dict(hyperparams or {})
+        return self
+
+
+def _value(x: ScalarOrSchedule, count: jax.Array) -> Any:
+    return x(count) if callable(x) else x
+
+
 def _check(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -72,22 +109,26 @@ def _check_lr(lr: ScalarOrSchedule) -> None:
         _check(lr >= 0.0, f"Invalid learning rate: {lr}")
 
 
-def _bias_correction(beta: float, step: jax.Array) -> jax.Array:
-    """`1 - beta**step`, accurate in float32 (PyTorch computes it in float64)."""
-    if beta == 0.0:
-        return jnp.ones((), jnp.float32)
-    return -jnp.expm1(step.astype(jnp.float32) * math.log(beta))
+def _bias_correction(beta: Any, step: jax.Array) -> jax.Array:
+    """`1 - beta**step`, accurate in float32 (PyTorch computes it in float64); `beta` may be
+    a traced value (a scheduled beta1)."""
+    if isinstance(beta, int | float):
+        if beta == 0.0:
+            return jnp.ones((), jnp.float32)
+        return -jnp.expm1(step.astype(jnp.float32) * math.log(beta))
+    beta = jnp.asarray(beta, jnp.float32)
+    return jnp.where(beta == 0.0, 1.0, -jnp.expm1(step.astype(jnp.float32) * jnp.log(beta)))
 
 
 def torch_sgd(
     lr: ScalarOrSchedule = 1e-3,
-    momentum: float = 0.0,
+    momentum: ScalarOrSchedule = 0.0,
     dampening: float = 0.0,
     weight_decay: float = 0.0,
     nesterov: bool = False,
     *,
     maximize: bool = False,
-) -> optax.GradientTransformation:
+) -> TorchOptimizer:
     """`torch.optim.SGD` as an optax transformation, with PyTorch's arguments and defaults.
 
     Per parameter, as PyTorch: `g = grad + weight_decay * param`; with momentum,
@@ -98,18 +139,21 @@ def torch_sgd(
        `optax.sgd(lr, momentum)` has no weight decay and no dampening; chaining
        `optax.add_decayed_weights` *after* it decays the momentum-free update instead of the
        gradient, which is not PyTorch's SGD. `lr` may be an optax schedule (called with the
-       number of steps taken), the counterpart of a PyTorch LR scheduler stepped every step.
+       number of steps taken), the counterpart of a PyTorch LR scheduler stepped every step;
+       so may `momentum` (`OneCycleLR`'s cycled momentum).
     """
     _check_lr(lr)
-    _check(momentum >= 0.0, f"Invalid momentum value: {momentum}")
+    has_momentum = callable(momentum) or momentum != 0
+    if not callable(momentum):
+        _check(momentum >= 0.0, f"Invalid momentum value: {momentum}")
     _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
     _check(
-        not nesterov or (momentum > 0 and dampening == 0),
+        not nesterov or (has_momentum and dampening == 0),
         "Nesterov momentum requires a momentum and zero dampening",
     )
 
     def init(params: Any) -> TorchSGDState:
-        buf = jax.tree.map(jnp.zeros_like, params) if momentum != 0 else optax.EmptyState()
+        buf = jax.tree.map(jnp.zeros_like, params) if has_momentum else optax.EmptyState()
         return TorchSGDState(jnp.zeros((), jnp.int32), buf)
 
     def update(updates: Any, state: TorchSGDState, params: Any = None) -> Any:
@@ -117,40 +161,50 @@ def torch_sgd(
             raise ValueError(_NO_PARAMS)
         first = state.step == 0
         lr_t = _learning_rate(lr, state.step)
+        momentum_t = _value(momentum, state.step)
         treedef: Any = jax.tree.structure(updates)
         grads = treedef.flatten_up_to(updates)
         ps = treedef.flatten_up_to(params) if params is not None else [None] * len(grads)
-        bufs = treedef.flatten_up_to(state.momentum_buffer) if momentum != 0 else []
+        bufs = treedef.flatten_up_to(state.momentum_buffer) if has_momentum else []
         new_u, new_bufs = [], []
         for i, (g, p) in enumerate(zip(grads, ps)):
             if maximize:
                 g = -g
             if weight_decay != 0:
                 g = g + weight_decay * p
-            if momentum != 0:
-                buf = jnp.where(first, g, bufs[i] * momentum + (1 - dampening) * g)
-                new_bufs.append(buf)
-                g = g + momentum * buf if nesterov else buf
+            if has_momentum:
+                buf = jnp.where(first, g, bufs[i] * momentum_t + (1 - dampening) * g)
+                new_bufs.append(buf.astype(g.dtype))
+                g = g + momentum_t * buf if nesterov else buf
             new_u.append((-lr_t * g).astype(g.dtype))
         new_updates = treedef.unflatten(new_u)
-        new_buf = treedef.unflatten(new_bufs) if momentum != 0 else optax.EmptyState()
+        new_buf = treedef.unflatten(new_bufs) if has_momentum else optax.EmptyState()
         return new_updates, TorchSGDState(optax.safe_increment(state.step), new_buf)
 
-    return optax.GradientTransformation(init, update)
+    hyperparams = dict(
+        lr=lr,
+        momentum=momentum,
+        dampening=dampening,
+        weight_decay=weight_decay,
+        nesterov=nesterov,
+        maximize=maximize,
+    )
+    return TorchOptimizer(init, update, "SGD", hyperparams)
 
 
 def _torch_adam(
     lr: ScalarOrSchedule,
-    betas: tuple[float, float],
+    betas: tuple[ScalarOrSchedule, float],
     eps: float,
     weight_decay: float,
     amsgrad: bool,
     maximize: bool,
     decoupled: bool,
-) -> optax.GradientTransformation:
+) -> TorchOptimizer:
     _check_lr(lr)
     _check(eps >= 0.0, f"Invalid epsilon value: {eps}")
-    _check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
+    if not callable(betas[0]):
+        _check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
     _check(0.0 <= betas[1] < 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
     _check(weight_decay >= 0.0, f"Invalid weight_decay value: {weight_decay}")
     beta1, beta2 = betas
@@ -165,8 +219,9 @@ def _torch_adam(
         if weight_decay != 0 and params is None:
             raise ValueError(_NO_PARAMS)
         lr_t = _learning_rate(lr, state.step)
+        beta1_t = _value(beta1, state.step)
         step = optax.safe_increment(state.step)
-        bias1 = _bias_correction(beta1, step)
+        bias1 = _bias_correction(beta1_t, step)
         bias2_sqrt = jnp.sqrt(_bias_correction(beta2, step))
         step_size = lr_t / bias1
         treedef: Any = jax.tree.structure(updates)
@@ -181,7 +236,7 @@ def _torch_adam(
                 g = -g
             if weight_decay != 0 and not decoupled:
                 g = g + weight_decay * p
-            m = m + (1 - beta1) * (g - m)  # torch: exp_avg.lerp_(grad, 1 - beta1)
+            m = (m + (1 - beta1_t) * (g - m)).astype(m.dtype)  # torch: exp_avg.lerp_(grad, 1 - b1)
             v = v * beta2 + (1 - beta2) * (g * g)
             if amsgrad:
                 vmax = jnp.maximum(vmax, v)
@@ -203,18 +258,27 @@ def _torch_adam(
         )
         return treedef.unflatten(new_u), new_state
 
-    return optax.GradientTransformation(init, update)
+    hyperparams = dict(
+        lr=lr,
+        betas=(beta1, beta2),
+        eps=eps,
+        weight_decay=weight_decay,
+        amsgrad=amsgrad,
+        maximize=maximize,
+        decoupled_weight_decay=decoupled,
+    )
+    return TorchOptimizer(init, update, "AdamW" if decoupled else "Adam", hyperparams)
 
 
 def torch_adam(
     lr: ScalarOrSchedule = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[ScalarOrSchedule, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     amsgrad: bool = False,
     *,
     maximize: bool = False,
-) -> optax.GradientTransformation:
+) -> TorchOptimizer:
     """`torch.optim.Adam` as an optax transformation, with PyTorch's arguments and defaults.
 
     .. warning::
@@ -228,13 +292,13 @@ def torch_adam(
 
 def torch_adamw(
     lr: ScalarOrSchedule = 1e-3,
-    betas: tuple[float, float] = (0.9, 0.999),
+    betas: tuple[ScalarOrSchedule, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 1e-2,
     amsgrad: bool = False,
     *,
     maximize: bool = False,
-) -> optax.GradientTransformation:
+) -> TorchOptimizer:
     """`torch.optim.AdamW` as an optax transformation, with PyTorch's arguments and defaults.
 
     Per parameter, as PyTorch: `param *= 1 - lr * weight_decay`; `m = lerp(m, g, 1 - beta1)`;
