@@ -42,3 +42,22 @@ def to_array(x: Any) -> Any:
     if is_torch_tensor(x):
         return torch_to_numpy(x)
     return np.asarray(x)
+
+
+def numpy_to_torch(array: np.ndarray) -> Any:
+    """A torch tensor with `array`'s bits: bf16 and fp8 through a same-width integer view
+    (the inverse of `torch_to_numpy`); imports torch."""
+    import torch
+
+    if not array.flags.writeable:
+        array = array.copy()
+    name = array.dtype.name
+    if name in _BIT_VIEWS:
+        int_name, _ = _BIT_VIEWS[name]
+        return torch.from_numpy(array.view(int_name)).view(getattr(torch, name))
+    return torch.from_numpy(array)
+
+
+def default_prng_impl() -> str:
+    """The name of JAX's default PRNG implementation (`jax_default_prng_impl`)."""
+    return str(jax.random.key_impl(jax.random.key(0)))

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ._parameter import typename
+
 
 def quoted(keys: Sequence[str]) -> str:
     """`"a", "b"`: how PyTorch lists keys."""
@@ -35,3 +37,30 @@ def size_mismatch(key: str, checkpoint_shape: Any, model_shape: Any) -> str:
 def load_error(cls: str, lines: Sequence[str]) -> RuntimeError:
     """The `RuntimeError` of a failed load, as PyTorch raises it."""
     return RuntimeError(f"Error(s) in loading state_dict for {cls}:\n\t" + "\n\t".join(lines))
+
+
+def abstract_left(cls: str, keys: Sequence[str], fix: str) -> RuntimeError:
+    """A non-strict load that would leave abstract variables: PyTorch's missing-keys line and
+    why nothing is filled in for them."""
+    return RuntimeError(
+        f"Error(s) in loading state_dict for {cls}:\n\t{missing_keys(keys)}\n"
+        "strict=False would leave these variables uninitialised (abstract jax.ShapeDtypeStruct "
+        f"leaves), and nothing is ever filled from random initialisation unasked. {fix}"
+    )
+
+
+def torch_size(shape: Sequence[int]) -> str:
+    """A shape as PyTorch's own messages print it inside text: `[2, 3, 4]`."""
+    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
+
+
+def check_torch_name(name: Any, what: str) -> None:
+    """PyTorch's checks on the name of a parameter, buffer or module (`register_parameter`,
+    `register_buffer`, `add_module`), with its messages."""
+    if not isinstance(name, str):
+        raise TypeError(f"{what} name should be a string. Got {typename(name)}")
+    if "." in name:
+        got = f", got: {name}" if what == "module" else ""
+        raise KeyError(f'{what} name can\'t contain "."{got}')
+    if name == "":
+        raise KeyError(f'{what} name can\'t be empty string ""')

@@ -193,11 +193,8 @@ def get_buffer_of(bound: Any, target: str) -> jax.Array:
 
 # --- loading ---------------------------------------------------------------------------------
 
-_UNINITIALISED = (
-    "Error(s) in loading state_dict for {cls}:\n\tMissing key(s) in state_dict: {keys}. \n"
-    "These variables are abstract (jax.ShapeDtypeStruct) and strict=False would leave them "
-    "uninitialised. Pass concrete variables (from {cls}.init) to keep their current values, "
-    "or provide these keys."
+_KEEP_OR_PROVIDE = (
+    "Pass concrete variables (from {cls}.init) to keep their current values, or provide these keys."
 )
 
 
@@ -267,7 +264,7 @@ def load_state_dict(
         if key in missing and isinstance(current, jax.ShapeDtypeStruct)
     ]
     if abstract:
-        raise RuntimeError(_UNINITIALISED.format(cls=cls, keys=messages.quoted(abstract)))
+        raise messages.abstract_left(cls, abstract, _KEEP_OR_PROVIDE.format(cls=cls))
     new_variables = _nested.copy_dicts(variables)
     for key, slot, current in entries:
         if key in optional and key not in state_dict and isinstance(current, jax.ShapeDtypeStruct):

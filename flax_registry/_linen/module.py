@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from flax.linen.module import _get_unbound_fn
 
 from .. import state
+from .._messages import check_torch_name
 from .._parameter import Parameter, is_array_like, typename
 from .._registry import BUFFERS, PARAMS, Registry, Slot
 
@@ -47,13 +48,7 @@ _TIE_TOO_LATE = (
 
 def _check_name(module: Module, name: Any, what: str) -> None:
     """PyTorch's name checks for `register_parameter` / `register_buffer`, with its messages."""
-    if not isinstance(name, str):
-        raise TypeError(f"{what} name should be a string. Got {typename(name)}")
-    if "." in name:
-        got = f", got: {name}" if what == "module" else ""
-        raise KeyError(f'{what} name can\'t contain "."{got}')
-    if name == "":
-        raise KeyError(f'{what} name can\'t be empty string ""')
+    check_torch_name(name, what)
     if registry_of(module).owns(name) or (hasattr(module, name) and not _is_argument(module, name)):
         raise KeyError(f"attribute '{name}' already exists")
 

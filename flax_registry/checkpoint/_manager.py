@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
+from .._arrays import default_prng_impl
 from .._frontend import ModuleDef, frontend_of
 from .._names import TorchNames as Layout
 from .._names import torch_names as layout
@@ -199,7 +200,7 @@ class CheckpointManager:
         if _is_train_state(state):
             meta["train_step"] = int(state.step)
             meta["rng"] = np.asarray(state.rng).tolist()
-            meta["rng_impl"] = state.rng_impl or _default_impl()
+            meta["rng_impl"] = state.rng_impl or default_prng_impl()
         args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
         args["meta"] = ocp.args.JsonSave(meta)
         return bool(
@@ -227,7 +228,7 @@ class CheckpointManager:
             "opt_state": target.opt_state,
         }
         restored, meta = self._restore(step, items, shardings, lay, target.params)
-        target_impl = target.rng_impl or _default_impl()
+        target_impl = target.rng_impl or default_prng_impl()
         if meta.get("rng_impl", target_impl) != target_impl:
             raise ValueError(
                 _errors.RNG_IMPL.format(
@@ -374,10 +375,6 @@ def _shapes(tree: Any) -> dict[str, list[Any]]:
     """`{"a/b/c": [shape, dtype]}` of every leaf: the strictness checks of a restore read
     these from the small `meta` item instead of the arrays' metadata."""
     return {"/".join(p): [list(np.shape(v)), str(v.dtype)] for p, v in leaf_paths(tree).items()}
-
-
-def _default_impl() -> str:
-    return str(jax.random.key_impl(jax.random.key(0)))
 
 
 def _version() -> str:

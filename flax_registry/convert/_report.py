@@ -14,6 +14,7 @@ import dataclasses
 import numpy as np
 
 from .. import _messages as messages
+from ..state import IncompatibleKeys
 from ._suggest import suggest
 
 _HINT_RENAMES = (
@@ -27,8 +28,10 @@ _HINT_RENAMES = (
 class LoadReport:
     """What `from_torch` did besides copying a tensor to the variable of the same name.
 
-    - `missing`: model keys the checkpoint lacks (an alias present counts as present);
-    - `unexpected`: checkpoint keys (after renames) the model has no place for;
+    - `missing_keys`: model keys the checkpoint lacks (an alias present counts as present);
+    - `unexpected_keys`: checkpoint keys (after renames) the model has no place for (the
+      names of PyTorch's `_IncompatibleKeys`, also as `incompatible_keys`; `missing` and
+      `unexpected` are the same lists);
     - `shape_mismatches`: `(key, checkpoint shape, model shape)` in torch layout;
     - `casts`: `(key, checkpoint dtype, loaded dtype)` for every tensor whose dtype changed;
     - `tied_aliases`: `(alias, key)` pairs that are one variable (checked equal when both are
@@ -51,8 +54,8 @@ class LoadReport:
     """
 
     cls: str = ""
-    missing: list[str] = dataclasses.field(default_factory=list)
-    unexpected: list[str] = dataclasses.field(default_factory=list)
+    missing_keys: list[str] = dataclasses.field(default_factory=list)
+    unexpected_keys: list[str] = dataclasses.field(default_factory=list)
     shape_mismatches: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = dataclasses.field(
         default_factory=list
     )
@@ -69,6 +72,19 @@ class LoadReport:
     extras: dict[str, np.ndarray] = dataclasses.field(default_factory=dict, repr=False)
     source_order: list[str] = dataclasses.field(default_factory=list, repr=False)
     source_dtypes: dict[str, str] = dataclasses.field(default_factory=dict, repr=False)
+
+    @property
+    def missing(self) -> list[str]:
+        return self.missing_keys
+
+    @property
+    def unexpected(self) -> list[str]:
+        return self.unexpected_keys
+
+    @property
+    def incompatible_keys(self) -> IncompatibleKeys:
+        """What PyTorch's `load_state_dict` would return: `(missing_keys, unexpected_keys)`."""
+        return IncompatibleKeys(list(self.missing_keys), list(self.unexpected_keys))
 
     @property
     def ok(self) -> bool:

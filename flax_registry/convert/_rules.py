@@ -91,7 +91,7 @@ class TorchOnly:
 
 
 @dataclasses.dataclass(frozen=True)
-class Part:
+class LayerPart:
     """One flax variable of a resolved torch tensor."""
 
     collection: str
@@ -104,7 +104,7 @@ class Resolved:
     """One torch tensor of one layer: its local key and the flax variables it is made of."""
 
     torch: str
-    parts: tuple[Part, ...]
+    parts: tuple[LayerPart, ...]
     axis: int = 0
 
 
@@ -147,12 +147,12 @@ class Rule:
         return tensors, extras
 
 
-def _part(module: Any, m: Map, variables: LayerVariables) -> Part | None:
+def _part(module: Any, m: Map, variables: LayerVariables) -> LayerPart | None:
     key = (m.collection, _path(m.flax))
     if key not in variables:
         return None
     layout = m.layout if isinstance(m.layout, Layout) else m.layout(module, variables[key].shape)
-    return Part(m.collection, key[1], layout)
+    return LayerPart(m.collection, key[1], layout)
 
 
 # --- layouts that depend on the layer ----------------------------------------------------------

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .. import _messages as messages
 from .. import _nested
+from .._arrays import numpy_to_torch
 from .._patterns import as_patterns, matches_any
 from ._dtypes import DtypePolicy, resolve_dtype
 from ._plan import Entry, Plan, make_plan
@@ -30,12 +32,10 @@ from ._source import Source, open_source
 
 Renames = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str | None]
 
-_ABSTRACT_LEFT = (
-    "Error(s) in loading state_dict for {cls}:\n\tMissing key(s) in state_dict: {keys}. \n"
-    "strict=False cannot leave these variables abstract (nothing is ever filled from random "
-    "initialisation unasked). Provide these keys, pass init=[<glob patterns>] to initialise "
-    "them from the model's initializers (e.g. a new head: init='classifier.*'), or pass "
-    "concrete variables= (e.g. from {cls}.init) whose current values should be kept."
+_PROVIDE_OR_INIT = (
+    "Provide these keys, pass init=[<glob patterns>] to initialise them from the model's "
+    "initializers (e.g. a new head: init='classifier.*'), or pass concrete variables= (e.g. "
+    "from {cls}.init) whose current values should be kept."
 )
 _TIE_DIFFERS = (
     "tied keys {a!r} and {b!r} are one variable in {cls}, but the checkpoint holds different "
@@ -203,8 +203,7 @@ def from_torch(
         zeros = [k for k in abstract if k in defaulted]  # what a new torch module holds
         abstract = [k for k in abstract if k not in defaulted]
         if abstract:
-            keys = ", ".join(f'"{k}"' for k in abstract)
-            raise RuntimeError(_ABSTRACT_LEFT.format(cls=plan.cls, keys=keys))
+            raise messages.abstract_left(plan.cls, abstract, _PROVIDE_OR_INIT.format(cls=plan.cls))
         _check_ties(plan, src, {k: v for k, v in chosen.items() if k not in missing})
         out = (
             _nested.copy_dicts(variables) if variables is not None else {c: {} for c in plan.target}
@@ -419,23 +418,6 @@ def _exact_integer_cast(src: Source, key: str, source: np.dtype, target: np.dtyp
 # --- export ----------------------------------------------------------------------------------
 
 
-def _numpy_to_torch(array: np.ndarray) -> Any:
-    import torch
-
-    views = {
-        "bfloat16": (np.int16, torch.bfloat16),
-        "float8_e4m3fn": (np.uint8, torch.float8_e4m3fn),
-        "float8_e5m2": (np.uint8, torch.float8_e5m2),
-    }
-    if not array.flags.writeable:
-        array = array.copy()
-    name = array.dtype.name
-    if name in views:
-        int_type, torch_type = views[name]
-        return torch.from_numpy(array.view(int_type)).view(torch_type)
-    return torch.from_numpy(array)
-
-
 def _export(plan: Plan, e: Entry, variables: Mapping[str, Any]) -> np.ndarray:
     pieces = []
     for part in e.parts:
@@ -521,7 +503,7 @@ def to_torch(
         converted: dict[int, Any] = {}
         for key, array in result.items():  # aliases stay one tensor, as in torch
             if id(array) not in converted:
-                converted[id(array)] = _numpy_to_torch(array)
+                converted[id(array)] = numpy_to_torch(array)
             result[key] = converted[id(array)]
     return result
 

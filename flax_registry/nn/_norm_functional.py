@@ -17,20 +17,18 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from .._messages import torch_size
+
 Array = jax.Array
 
 _BATCH_SIZE = "Expected more than 1 value per channel when training, got input size {size}"
 _SPATIAL_SIZE = "Expected more than 1 spatial element when training, got input size {size}"
 
 
-def _size(shape: Sequence[int]) -> str:
-    return str([int(d) for d in shape])
-
-
 def verify_batch_size(shape: Sequence[int]) -> None:
     """PyTorch's `_verify_batch_size`: one value per channel has no variance to normalise by."""
     if shape[0] * math.prod(shape[2:]) == 1:
-        raise ValueError(_BATCH_SIZE.format(size=_size(shape)))
+        raise ValueError(_BATCH_SIZE.format(size=torch_size(shape)))
 
 
 def _stat_dtype(x: Array) -> Any:
@@ -138,7 +136,7 @@ def instance_norm(
             x, running_mean, running_var, weight, bias, training=False, momentum=0.0, eps=eps
         )
     if math.prod(x.shape[2:]) == 1:
-        raise ValueError(_SPATIAL_SIZE.format(size=_size(x.shape)))
+        raise ValueError(_SPATIAL_SIZE.format(size=torch_size(x.shape)))
     dtype = _stat_dtype(x)
     xc = x.astype(dtype)
     w, b = _channel(weight, x.ndim, dtype), _channel(bias, x.ndim, dtype)

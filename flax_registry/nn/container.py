@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, overload
 import flax.linen as nn
 
 from .._linen.module import Module, ensure_setup, registry_of
+from .._messages import check_torch_name
 from .._parameter import typename
 from . import mode
 
@@ -52,12 +53,7 @@ def _check_modules(modules: Sequence[Any]) -> None:
 def _check_names(names: Sequence[Any]) -> None:
     """torch's `add_module` name checks, with its messages."""
     for name in names:
-        if not isinstance(name, str):
-            raise TypeError(f"module name should be a string. Got {typename(name)}")
-        if "." in name:
-            raise KeyError(f'module name can\'t contain ".", got: {name}')
-        if name == "":
-            raise KeyError('module name can\'t be empty string ""')
+        check_torch_name(name, "module")
 
 
 def _register_children(

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from .._linen.module import Module
+from .._messages import torch_size
 from .._parameter import Parameter
 from . import _init
 
@@ -55,17 +56,13 @@ def _dimension_numbers(n: int, kernel: str) -> tuple[str, str, str]:
     return "NC" + spatial, kernel + spatial, "NC" + spatial
 
 
-def _size(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(d) for d in shape) + "]"
-
-
 def _batched(module: Module, x: Array, n: int) -> tuple[Array, bool]:
     """The input with a batch axis, and whether it had one (torch accepts unbatched input)."""
     if x.ndim not in (n + 1, n + 2):
         raise RuntimeError(
             f"Expected {n + 1}D (unbatched) or {n + 2}D (batched) input to "
             f"{type(module).__name__.lower().replace('transpose', '_transpose')}, but got input "
-            f"of size: {_size(x.shape)}"
+            f"of size: {torch_size(x.shape)}"
         )
     return (x, True) if x.ndim == n + 2 else (x[None], False)
 
@@ -75,8 +72,8 @@ def _check_channels(module: Any, x: Array, weight: Array, transposed: bool) -> N
     if x.shape[1] != channels:
         kind = "transposed=1" if transposed else f"groups={module.groups}"
         raise RuntimeError(
-            f"Given {kind}, weight of size {_size(weight.shape)}, expected input"
-            f"{_size(x.shape)} to have {channels} channels, but got {x.shape[1]} channels "
+            f"Given {kind}, weight of size {torch_size(weight.shape)}, expected input"
+            f"{torch_size(x.shape)} to have {channels} channels, but got {x.shape[1]} channels "
             f"instead ({type(module).__name__})"
         )
 
@@ -199,13 +196,13 @@ def _check_pad_mode(module: _ConvNd, x: Array, pads: list[tuple[int, int]]) -> N
             raise RuntimeError(
                 f"Argument #4: Padding size should be less than the corresponding input "
                 f"dimension, but got: padding ({lo}, {hi}) at dimension {axis} of input "
-                f"{_size(x.shape)} ({type(module).__name__} with padding_mode='reflect')"
+                f"{torch_size(x.shape)} ({type(module).__name__} with padding_mode='reflect')"
             )
         if module.padding_mode == "circular" and max(lo, hi) > size:
             raise RuntimeError(
                 "Padding value causes wrapping around more than once. "
                 f"({type(module).__name__}: padding ({lo}, {hi}) at dimension {axis} of input "
-                f"{_size(x.shape)} with padding_mode='circular')"
+                f"{torch_size(x.shape)} with padding_mode='circular')"
             )
 
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from .._linen.module import Module
+from .._messages import torch_size
 from .._parameter import Parameter
 from ._norm_functional import group_norm, layer_norm
 
@@ -27,10 +28,6 @@ def register_affine(
     zeros = Parameter(nn.initializers.zeros, shape, dtype) if affine and bias else None
     module.register_parameter("weight", ones)
     module.register_parameter("bias", zeros)
-
-
-def _shape_list(shape: Sequence[int]) -> str:
-    return "[" + ", ".join(str(int(d)) for d in shape) + "]"
 
 
 class LayerNorm(Module):
@@ -70,8 +67,8 @@ class LayerNorm(Module):
         shape = self._shape()
         if x.ndim < len(shape) or tuple(x.shape[x.ndim - len(shape) :]) != shape:
             raise RuntimeError(
-                f"Given normalized_shape={_shape_list(shape)}, expected input with shape "
-                f"[*, {_shape_list(shape)[1:-1]}], but got input of size{_shape_list(x.shape)}"
+                f"Given normalized_shape={torch_size(shape)}, expected input with shape "
+                f"[*, {torch_size(shape)[1:-1]}], but got input of size{torch_size(x.shape)}"
             )
         weight = self.get_parameter("weight") if self.elementwise_affine else None
         bias = self.get_parameter("bias") if self.elementwise_affine and self.bias else None
@@ -115,13 +112,13 @@ class GroupNorm(Module):
         if channels % self.num_groups != 0:
             raise RuntimeError(
                 "Expected number of channels in input to be divisible by num_groups, but got "
-                f"input of shape {_shape_list(x.shape)} and num_groups={self.num_groups}"
+                f"input of shape {torch_size(x.shape)} and num_groups={self.num_groups}"
             )
         if self.affine and channels != self.num_channels:
             raise RuntimeError(
                 "Expected weight to be a vector of size equal to the number of channels in "
                 f"input, but got weight of shape [{self.num_channels}] and input of shape "
-                f"{_shape_list(x.shape)}"
+                f"{torch_size(x.shape)}"
             )
         weight = self.get_parameter("weight") if self.affine else None
         bias = self.get_parameter("bias") if self.affine and self.bias else None

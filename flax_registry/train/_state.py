@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from .._arrays import default_prng_impl
 from .._frontend import ModuleDef, frontend_of
 from .._names import torch_names
 from .._nested import KeyPath as Path
@@ -118,12 +119,8 @@ def _key_data(rng: int | jax.Array) -> tuple[jax.Array, str | None]:
         return jax.random.key_data(jax.random.key(rng)), None
     if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
         impl = str(jax.random.key_impl(rng))
-        return jax.random.key_data(rng), None if impl == _default_impl() else impl
+        return jax.random.key_data(rng), None if impl == default_prng_impl() else impl
     return jnp.asarray(rng, jnp.uint32), None
-
-
-def _default_impl() -> str:
-    return str(jax.random.key_impl(jax.random.key(0)))
 
 
 _PARTITIONS: dict[Any, optax.GradientTransformation] = {}

@@ -168,9 +168,9 @@ def materialize(x: Any) -> Any:
 
 def to_torch_tree(x: Any) -> Any:
     if isinstance(x, np.ndarray):
-        from ..convert._translate import _numpy_to_torch
+        from .._arrays import numpy_to_torch
 
-        return _numpy_to_torch(x)
+        return numpy_to_torch(x)
     if isinstance(x, dict):
         out = type(x)() if type(x) is not dict else {}
         out.update({k: to_torch_tree(v) for k, v in x.items()})

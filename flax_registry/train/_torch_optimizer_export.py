@@ -152,11 +152,11 @@ def _torch_param_state(s: Any, entry: ParamEntry, count: int) -> dict[str, Any]:
 
 
 def _as_torch(result: dict[str, Any]) -> dict[str, Any]:
-    from ..convert._translate import _numpy_to_torch
+    from .._arrays import numpy_to_torch
 
     def convert(x: Any) -> Any:
         if isinstance(x, np.ndarray):
-            return _numpy_to_torch(x)
+            return numpy_to_torch(x)
         if isinstance(x, dict):
             return {k: convert(v) for k, v in x.items()}
         return x

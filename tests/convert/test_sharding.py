@@ -99,6 +99,22 @@ target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, shardi
 again, _ = from_torch(model, path, variables=target, example_inputs=(ids, img))
 for (p1, a), (p2, b) in zip(jax.tree_util.tree_leaves_with_path(again), jax.tree_util.tree_leaves_with_path(sharded)):
     assert p1 == p2 and a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b)), p1
+
+# The checkpoint's sharding vocabulary is from_torch's: sharding_rules over torch names (globs).
+import flax_registry as fr
+rules = fr.checkpoint.sharding_rules(
+    mesh, [("emb.weight", P("data", "model")), ("fc.*", P("model")), ("attn.*_proj_*", P("data"))]
+)
+ruled, _ = from_torch(model, path, example_inputs=(ids, img), shardings=rules)
+placed = {}
+for path_, leaf in jax.tree_util.tree_leaves_with_path(ruled):
+    where = tuple(p.key for p in path_)
+    placed[by_where[where]] = leaf.sharding
+    np.testing.assert_array_equal(np.asarray(leaf), np.asarray(flat_ref[path_]))
+assert placed["emb.weight"] == NamedSharding(mesh, P("data", "model"))
+assert placed["fc.weight"] == placed["fc.bias"] == NamedSharding(mesh, P("model"))
+assert placed["attn.in_proj_weight"] == NamedSharding(mesh, P("data"))
+assert placed["conv.weight"] == NamedSharding(mesh, P())  # the default: replicated
 print("OK")
 """
 

@@ -156,3 +156,16 @@ def test_exact_integer_cast_is_not_report_noise() -> None:
         pytest.skip("with x64 the counter is int64: no cast")
     _, report = fr.from_torch(Net(), big)
     assert report.casts == [("features.1.num_batches_tracked", "int64", "int32")]
+
+
+def test_report_speaks_pytorchs_incompatible_keys() -> None:
+    state = dict(_TorchNet(5).state_dict())
+    state["extra.weight"] = state.pop("classifier.bias")
+    variables, report = fr.from_torch(
+        Net(), state, strict=False, variables=fr.init_variables(Net(), jax.random.key(0))
+    )
+    theirs = _TorchNet(5).load_state_dict(state, strict=False)
+    assert report.incompatible_keys == fr.IncompatibleKeys(
+        theirs.missing_keys, theirs.unexpected_keys
+    )
+    assert report.missing_keys is report.missing and report.unexpected_keys == ["extra.weight"]
