@@ -6,10 +6,12 @@ Parameters (learnable, saved) live in the `params` collection, buffers (saved, n
 """
 
 from . import _linen as _linen  # registers the flax.linen front-end
+from . import _nnx as _nnx  # registers the flax.nnx front-end
 from . import checkpoint as checkpoint
 from . import convert as convert
 from . import io as io
 from . import nn as nn
+from . import nnx as nnx
 from . import train as train
 from ._linen import Module as Module
 from ._parameter import Parameter as Parameter
@@ -66,6 +68,7 @@ __all__ = [
     "named_buffers",
     "named_modules",
     "named_parameters",
+    "nnx",
     "parameters",
     "register_rule",
     "state_dict",

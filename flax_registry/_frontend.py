@@ -23,6 +23,7 @@ class Frontend(Protocol):
     """One Flax API, as the core uses it. `variables` is the `{collection: tree}` dict."""
 
     name: str
+    holds_state: bool  # the module holds its variables (NNX) rather than taking them (linen)
 
     def owns(self, module: Any) -> bool:
         """Whether `module` belongs to this front-end."""
@@ -30,6 +31,26 @@ class Frontend(Protocol):
 
     def unbound(self, module: Any) -> Any:
         """The module definition without any variables attached."""
+        ...
+
+    def bound_error(self, module: Any) -> str | None:
+        """Why `module` cannot be converted as given (a bound linen module), or None."""
+        ...
+
+    def display_name(self, module: Any) -> str:
+        """The model's class name, for messages."""
+        ...
+
+    def variables_of(self, module: Any) -> dict[str, Any]:
+        """The variables a module holds (front-ends that hold state)."""
+        ...
+
+    def update(self, module: Any, variables: Mapping[str, Any]) -> Any:
+        """Write `variables` into a module that holds its state, in place; returns it."""
+        ...
+
+    def accepts_train(self, module: Any) -> bool:
+        """Whether the module selects train/eval behaviour from a `train=` argument."""
         ...
 
     def tree(

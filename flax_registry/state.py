@@ -49,7 +49,8 @@ class IncompatibleKeys(NamedTuple):
 
 
 def _tree(module: Any, variables: Variables | None) -> Node:
-    """The module tree of `module` over `variables` (of a bound `module` when None)."""
+    """The module tree of `module` over `variables` (when None: a module that holds its
+    variables, an NNX model or a bound linen module)."""
     return frontend_of(module).tree(module, variables)
 
 
@@ -58,7 +59,7 @@ def _tree(module: Any, variables: Variables | None) -> Node:
 
 def named_parameters(
     module: Any,
-    variables: Variables,
+    variables: Variables | None = None,
     prefix: str = "",
     recurse: bool = True,
     remove_duplicate: bool = True,
@@ -88,14 +89,16 @@ def named_parameters_of(
     return named_members(_tree(bound, None), "parameters", prefix, recurse, remove_duplicate)
 
 
-def parameters(module: Any, variables: Variables, recurse: bool = True) -> Iterator[Any]:
+def parameters(
+    module: Any, variables: Variables | None = None, recurse: bool = True
+) -> Iterator[Any]:
     """The values of `named_parameters`, as `torch.nn.Module.parameters`."""
     return (value for _, value in named_parameters(module, variables, recurse=recurse))
 
 
 def named_buffers(
     module: Any,
-    variables: Variables,
+    variables: Variables | None = None,
     prefix: str = "",
     recurse: bool = True,
     remove_duplicate: bool = True,
@@ -115,13 +118,16 @@ def named_buffers_of(
     return named_members(_tree(bound, None), "buffers", prefix, recurse, remove_duplicate)
 
 
-def buffers(module: Any, variables: Variables, recurse: bool = True) -> Iterator[Any]:
+def buffers(module: Any, variables: Variables | None = None, recurse: bool = True) -> Iterator[Any]:
     """The values of `named_buffers`, as `torch.nn.Module.buffers`."""
     return (value for _, value in named_buffers(module, variables, recurse=recurse))
 
 
 def named_modules(
-    module: Any, variables: Variables, prefix: str = "", remove_duplicate: bool = True
+    module: Any,
+    variables: Variables | None = None,
+    prefix: str = "",
+    remove_duplicate: bool = True,
 ) -> Iterator[tuple[str, Any]]:
     """`(name, bound module)` pre-order, as `torch.nn.Module.named_modules`.
 
@@ -142,7 +148,9 @@ def _modules(root: Node, prefix: str, remove_duplicate: bool) -> Iterator[tuple[
         yield name, node.module
 
 
-def state_dict(module: Any, variables: Variables, prefix: str = "") -> dict[str, jax.Array]:
+def state_dict(
+    module: Any, variables: Variables | None = None, prefix: str = ""
+) -> dict[str, jax.Array]:
     """The PyTorch `state_dict`: parameters, then persistent buffers, then each child's.
 
     Every alias of a shared tensor has its own key, as in PyTorch. Unlike PyTorch the values
@@ -164,7 +172,7 @@ def state_dict_of(bound: Any, prefix: str = "") -> dict[str, jax.Array]:
     return {key: value for key, _, value in state_entries(_tree(bound, None), prefix)}
 
 
-def get_submodule(module: Any, variables: Variables, target: str) -> Any:
+def get_submodule(module: Any, variables: Variables | None, target: str) -> Any:
     """The bound submodule at dotted `target`, as `torch.nn.Module.get_submodule`."""
     return get_node(_tree(module, variables), target).module
 
@@ -173,7 +181,7 @@ def get_submodule_of(bound: Any, target: str) -> Any:
     return get_node(_tree(bound, None), target).module
 
 
-def get_parameter(module: Any, variables: Variables, target: str) -> jax.Array:
+def get_parameter(module: Any, variables: Variables | None, target: str) -> jax.Array:
     """The parameter at dotted `target`, as `torch.nn.Module.get_parameter`."""
     return get_member(_tree(module, variables), target, "parameters", "an nn.Parameter")
 
@@ -182,7 +190,7 @@ def get_parameter_of(bound: Any, target: str) -> jax.Array:
     return get_member(_tree(bound, None), target, "parameters", "an nn.Parameter")
 
 
-def get_buffer(module: Any, variables: Variables, target: str) -> jax.Array:
+def get_buffer(module: Any, variables: Variables | None, target: str) -> jax.Array:
     """The buffer at dotted `target`, as `torch.nn.Module.get_buffer`."""
     return get_member(_tree(module, variables), target, "buffers", "a buffer")
 
@@ -199,8 +207,11 @@ _KEEP_OR_PROVIDE = (
 
 
 def load_state_dict(
-    module: Any, variables: Variables, state_dict: Mapping[str, Any], strict: bool = True
-) -> tuple[dict[str, Any], IncompatibleKeys]:
+    module: Any,
+    variables: Variables | Mapping[str, Any],
+    state_dict: Mapping[str, Any] | None = None,
+    strict: bool = True,
+) -> Any:
     """Copy a PyTorch-keyed `state_dict` into new variables, as `torch.nn.Module.load_state_dict`.
 
     `variables` gives the structure, shapes and dtypes (concrete, or abstract from
@@ -212,14 +223,18 @@ def load_state_dict(
     nothing is applied when anything raises (PyTorch may have copied some tensors already),
     and `strict=False` refuses to leave an abstract leaf unfilled.
 
+    An NNX model holds its variables: `load_state_dict(model, state_dict)` loads in place, as
+    PyTorch does, and returns the `IncompatibleKeys` alone.
+
     Args:
-        module: the model definition (unbound).
-        variables: its variables, concrete or abstract.
+        module: the model definition (unbound), or an NNX model.
+        variables: its variables, concrete or abstract (for an NNX model: the state dict).
         state_dict: `{dotted key: array or tensor}`.
         strict: raise on missing or unexpected keys, as PyTorch.
 
     Returns:
-        `(new_variables, IncompatibleKeys(missing_keys, unexpected_keys))`.
+        `(new_variables, IncompatibleKeys(missing_keys, unexpected_keys))`; for an NNX model,
+        the `IncompatibleKeys` (the model is updated).
 
     Example:
         >>> import flax_registry as fr
@@ -232,9 +247,13 @@ def load_state_dict(
         >>> [k for k in fr.state_dict(layer, variables)]
         ['weight', 'bias']
     """
+    frontend = frontend_of(module)
+    in_place = frontend.holds_state and state_dict is None
+    if in_place:
+        state_dict, variables = variables, frontend.variables_of(module)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
-    cls = type(module).__name__
+    cls = frontend.display_name(module)
     root = _tree(module, variables)
     entries = list(state_entries(root, ""))
     expected = {key for key, _, _ in entries}
@@ -272,6 +291,9 @@ def load_state_dict(
     for slot, value in updates:
         _nested.set_leaf(new_variables, (slot.collection, *slot.path), value)
     _drop_abstract_non_persistent(new_variables, root)
+    if in_place:
+        frontend.update(module, new_variables)
+        return IncompatibleKeys(missing, unexpected)
     return new_variables, IncompatibleKeys(missing, unexpected)
 
 

@@ -19,6 +19,7 @@ from flax_registry._linen import tree as linen_tree
 
 PACKAGE = Path(fr.__file__).parent
 ADAPTER = PACKAGE / "_linen"
+NNX_ADAPTER = PACKAGE / "_nnx"
 # The torch.nn-compatible layers are linen classes (the linen front-end's own layer set); they
 # may use linen's public API, but no private name.
 LINEN_CLASSES = PACKAGE / "nn"
@@ -65,6 +66,28 @@ def _imports_linen(path: Path) -> bool:
             ):
                 return True
     return False
+
+
+def _imports_nnx(path: Path) -> bool:
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import) and any(a.name.startswith("flax.nnx") for a in node.names):
+            return True
+        if isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if module.startswith("flax.nnx") or (
+                module == "flax" and any(a.name == "nnx" for a in node.names)
+            ):
+                return True
+    return False
+
+
+def test_only_the_nnx_adapter_touches_nnx() -> None:
+    offenders = [
+        name
+        for name, path in _modules().items()
+        if not path.is_relative_to(NNX_ADAPTER) and _imports_nnx(path)
+    ]
+    assert offenders == []
 
 
 def test_only_the_adapter_touches_linen() -> None:

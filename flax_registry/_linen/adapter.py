@@ -49,12 +49,37 @@ class LinenFrontend:
     """`flax_registry._frontend.Frontend` for `flax.linen.Module`s."""
 
     name = "flax.linen"
+    holds_state = False
 
     def owns(self, module: Any) -> bool:
         return isinstance(module, nn.Module)
 
     def unbound(self, module: nn.Module) -> nn.Module:
         return module.unbind()[0] if module.scope is not None else module
+
+    def bound_error(self, module: nn.Module) -> str | None:
+        if module.scope is None:
+            return None
+        return f"{type(module).__name__} is bound; pass the unbound module (module.unbind()[0])."
+
+    def display_name(self, module: nn.Module) -> str:
+        return type(module).__name__
+
+    def variables_of(self, module: nn.Module) -> dict[str, Any]:
+        if module.scope is None:
+            raise TypeError(
+                f"{type(module).__name__} is a linen module definition: it holds no variables. "
+                "Pass them: f(module, variables, ...)."
+            )
+        return dict(module.variables)
+
+    def update(self, module: nn.Module, variables: Mapping[str, Any]) -> Any:
+        raise TypeError("a linen module cannot hold variables: use the variables returned")
+
+    def accepts_train(self, module: nn.Module) -> bool:
+        from ..nn.mode import accepts_train
+
+        return accepts_train(module)
 
     def tree(
         self,

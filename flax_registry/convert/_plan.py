@@ -292,14 +292,16 @@ def make_plan(
 ) -> Plan:
     """The conversion plan of `module` (unbound), from abstract shapes or `variables`."""
     frontend = frontend_of(module)
-    if frontend.unbound(module) is not module:
-        raise TypeError(
-            f"{type(module).__name__} is bound; pass the unbound module (module.unbind()[0])."
-        )
-    cls = type(module).__name__
+    error = frontend.bound_error(module)
+    if error:
+        raise TypeError(error)
+    cls = frontend.display_name(module)
     inputs = as_inputs(example_inputs)
     shapes: dict[str, Any] | None = None
-    if inputs is not None:
+    records: Any = {}
+    if frontend.holds_state and variables is None:
+        variables = frontend.variables_of(module)  # abstract for an `nnx.eval_shape` model
+    elif inputs is not None:
         shapes, records = frontend.record_layers(module, inputs)
     else:
         records = frontend.remembered(module)

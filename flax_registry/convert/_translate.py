@@ -22,6 +22,7 @@ import numpy as np
 from .. import _messages as messages
 from .. import _nested
 from .._arrays import numpy_to_torch
+from .._frontend import frontend_of
 from .._patterns import as_patterns, matches_any
 from ._dtypes import DtypePolicy, resolve_dtype
 from ._plan import Entry, Plan, make_plan
@@ -51,6 +52,12 @@ _RAW_MISMATCH = (
 _INIT_NOTHING = (
     "init={patterns} matches no torch key of {cls}; its keys are {keys}... Patterns are globs "
     "over torch names, e.g. init='classifier.*'."
+)
+_NO_NON_PERSISTENT = (
+    "cannot load into {cls}: its non-persistent buffers {keys} hold no value (the model is "
+    "abstract, as nnx.eval_shape makes it) and no checkpoint holds them (PyTorch computes "
+    "them in __init__). Make the abstract model with flax_registry.nnx.eval_shape(...), which "
+    "keeps their values, or construct the model."
 )
 _REPLACED = "replaced by a fresh initialisation (init=)"
 _NEEDS_INPUTS = (
@@ -135,6 +142,9 @@ def from_torch(
     missing from a state dict without version metadata, as PyTorch allows; it then keeps its
     current value (0 for abstract variables), listed in `LoadReport.defaulted`.
 
+    An NNX model holds its variables: `from_torch(model, source)` loads into it in place (an
+    abstract model from `nnx.eval_shape` too) and returns `(model, LoadReport)`.
+
     Differences from `torch.nn.Module.load_state_dict`: returns `(variables, LoadReport)`;
     every name, shape and tie is checked before any tensor is read, and nothing is copied when
     it raises; `strict=True` raises in PyTorch's format for missing, unexpected and
@@ -175,7 +185,19 @@ def from_torch(
         >>> report.ok
         True
     """
+    frontend = frontend_of(module)
+    in_place = frontend.holds_state and variables is None
+    if in_place:
+        variables = frontend.variables_of(module)
     plan = make_plan(module, variables, example_inputs, rules, tied)
+    if in_place:
+        unset = [
+            key
+            for key, (collection, path) in plan.nonpersistent.items()
+            if isinstance(_nested.get(plan.target, (collection, *path), None), jax.ShapeDtypeStruct)
+        ]
+        if unset:
+            raise ValueError(_NO_NON_PERSISTENT.format(cls=plan.cls, keys=unset))
     report = LoadReport(cls=plan.cls)
     report.skipped_nonpersistent = list(plan.nonpersistent)
     report.tied_aliases = list(plan.aliases.items())
@@ -234,7 +256,10 @@ def from_torch(
             shardings,
             mesh,
         )
-    return _nested.drop_abstract(out), report
+    loaded = _nested.drop_abstract(out)
+    if in_place:
+        return frontend.update(module, loaded), report
+    return loaded, report
 
 
 def _initialise(
@@ -437,7 +462,7 @@ def _export(plan: Plan, e: Entry, variables: Mapping[str, Any]) -> np.ndarray:
 
 def to_torch(
     module: Any,
-    variables: Mapping[str, Any],
+    variables: Mapping[str, Any] | None = None,
     *,
     as_torch: bool = False,
     example_inputs: Any = None,
@@ -480,6 +505,9 @@ def to_torch(
         >>> list(state), state["weight"].shape   # torch keeps (out, in)
         (['weight', 'bias'], (2, 3))
     """
+    frontend = frontend_of(module)
+    if variables is None:
+        variables = frontend.variables_of(module)
     plan = make_plan(module, variables, example_inputs, rules, tied)
     result: dict[str, Any] = {}
     for key in plan.order:

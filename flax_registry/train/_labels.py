@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import optax
 
-from .._frontend import ModuleDef
+from .._frontend import ModuleDef, frontend_of
 from .._names import VariableInfo, torch_names
 from .._nested import KeyPath, key_path
 from .._patterns import Pattern, Patterns, as_patterns, matches
@@ -98,7 +98,7 @@ def _label_tree(
     frozen: Sequence[Pattern],
     groups: Sequence[ParamGroup],
 ) -> Any:
-    cls = type(module).__name__
+    cls = frontend_of(module).display_name(module)
     all_names = [info.name for info in infos.values()]
     examples = ", ".join(repr(n) for n in all_names[:4]) or "(none)"
     for where, patterns in [("frozen", frozen)] + [

@@ -145,8 +145,8 @@ def _full_tx(
 
 def create_train_state(
     module: ModuleDef,
-    variables: Mapping[str, Any],
-    tx: optax.GradientTransformation,
+    variables: Mapping[str, Any] | optax.GradientTransformation | None = None,
+    tx: optax.GradientTransformation | None = None,
     *,
     rng: int | jax.Array = 0,
     frozen: Patterns = (),
@@ -167,9 +167,14 @@ def create_train_state(
     With abstract `variables` (`flax_registry.abstract_variables(module)`) the state is
     abstract too (nothing allocated): the target for `CheckpointManager.restore`.
 
+    An NNX model holds its variables: `create_train_state(model, tx, ...)`; the state's
+    `module` is then the model's definition, and `flax_registry.nnx.update(model,
+    state.variables)` puts trained values back into a model.
+
     Args:
-        module: the model definition.
-        variables: its variables (all collections), concrete or abstract.
+        module: the model definition, or an NNX model.
+        variables: its variables (all collections), concrete or abstract (omitted for an NNX
+            model).
         tx: the optax transformation for every parameter no group claims.
         rng: an int seed or a key.
         frozen: dotted-name patterns of parameters never updated.
@@ -189,7 +194,15 @@ def create_train_state(
         >>> int(state.step), sorted(state.params)
         (0, ['bias', 'weight'])
     """
-    module = frontend_of(module).unbound(module)
+    frontend = frontend_of(module)
+    if tx is None and isinstance(variables, optax.GradientTransformation):
+        variables, tx = None, variables  # create_train_state(nnx_model, tx)
+    if tx is None:
+        raise TypeError("create_train_state needs tx, the optax transformation to train with")
+    if variables is None:
+        variables = frontend.variables_of(module)  # an NNX model holds its variables
+    assert isinstance(variables, Mapping)
+    module = frontend.unbound(module)
     if PARAMS not in variables:
         raise ValueError(
             f"variables of {type(module).__name__} have no 'params' collection (found "

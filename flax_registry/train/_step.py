@@ -96,13 +96,7 @@ class Model:
 
 
 def _accepts_train(module: ModuleDef) -> bool:
-    try:
-        from ..nn.mode import accepts_train
-    except ImportError:  # pragma: no cover - nn is optional for training
-        import inspect
-
-        return "train" in inspect.signature(type(module).__call__).parameters
-    return accepts_train(module)
+    return frontend_of(module).accepts_train(module)
 
 
 def _call_kwargs(module: ModuleDef, given: Mapping[str, Any] | None, train: bool) -> dict[str, Any]:
