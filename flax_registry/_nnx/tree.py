@@ -188,7 +188,7 @@ class _Builder:
     def moved_member(
         self, layer: LinenLayer, member: tuple[str, Slot, Any], path: tuple[str, ...]
     ) -> tuple[str, Slot, Any]:
-        name, slot, value = member
+        name, slot, _value = member
         ident = (slot.collection, (*path, *slot.path))
         variable: Any = layer.variables[slot.collection]
         for part in slot.path:
@@ -256,15 +256,3 @@ def _all_nodes(root: Node) -> list[Node]:
             seen[id(node)] = node
             stack.extend(child for _, child in node.children)
     return list(seen.values())
-
-
-def abstract_non_persistent(root: Node) -> list[str]:
-    """Dotted names of non-persistent buffers without a value (a model from `nnx.eval_shape`)."""
-    import jax
-
-    out = []
-    for node in _all_nodes(root):
-        for name, slot, value in node.buffers:
-            if not slot.persistent and isinstance(value, jax.ShapeDtypeStruct):
-                out.append("/".join((slot.collection, *slot.path)))
-    return out
