@@ -16,12 +16,14 @@ state, as PyTorch's in-place buffer updates would; gradients are taken with resp
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._registry import PARAMS
 from ._names import key_path
@@ -33,6 +35,63 @@ _BAD_LOSS = (
     "loss_fn must return a scalar loss or a (loss, metrics) pair; it returned {what}. "
     "Reduce the loss to a scalar, e.g. with .mean()."
 )
+NO_TRAIN_ARGUMENT = (
+    "make_train_step: {module}.__call__ takes no `train` argument, so {layers} ran in eval "
+    "mode (train=False, their default) in a training step: BatchNorm's running statistics do "
+    "not update and dropout does nothing, where PyTorch's model.train() switches every layer. "
+    "Fix: give {module}.__call__ a `train: bool = False` argument and pass it on "
+    "(`self.bn(x, train=train)`, or `flax_registry.nn.mode.call(layer, x, train=train)` for any "
+    "layer); or, to train with these layers in eval mode on purpose (e.g. frozen BatchNorm), "
+    "pass call_kwargs={{}} to make_train_step."
+)
+
+
+def _train_unset(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether this call of `module` could take a `train` argument and was not given one."""
+    if not _accepts_train(module):
+        return False
+    try:
+        bound = inspect.signature(type(module).__call__).bind_partial(module, *args, **kwargs)
+    except TypeError:
+        return False
+    return "train" not in bound.arguments
+
+
+class _TrainProbe:
+    """A method interceptor: records the submodules called without the `train` they take (and,
+    with `force`, calls them with `train=True`, as `model.train()` would)."""
+
+    def __init__(self, force: bool) -> None:
+        self.force = force
+        self.found: dict[str, None] = {}
+
+    def __call__(self, next_fun: Any, args: Any, kwargs: Any, context: Any) -> Any:
+        module = context.module
+        scope = getattr(module, "scope", None)
+        path = tuple(scope.path) if scope is not None else ()  # () for the model itself
+        if context.method_name == "__call__" and path and _train_unset(module, args, kwargs):
+            self.found[f"{type(module).__name__} '{'.'.join(map(str, path))}'"] = None
+            if self.force:
+                kwargs = {**kwargs, "train": True}
+        return next_fun(*args, **kwargs)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray | np.generic)
+
+
+def _program(fn: Callable[[Any], Any], inputs: Any, force: bool) -> str:
+    """The jaxpr of `fn(inputs)` (array leaves abstract, the rest fixed), with the probe."""
+    leaves, treedef = jax.tree.flatten(inputs)
+    arrays = [jax.ShapeDtypeStruct(np.shape(x), x.dtype) for x in leaves if _is_array(x)]
+
+    def run(values: list[Any]) -> Any:
+        it = iter(values)
+        full = [next(it) if _is_array(x) else x for x in leaves]
+        with nn.intercept_methods(_TrainProbe(force)):
+            return fn(jax.tree.unflatten(treedef, full))
+
+    return str(jax.make_jaxpr(run)(arrays))
 
 
 class Model:
@@ -53,6 +112,7 @@ class Model:
         rng_streams: Sequence[str],
         call_kwargs: Mapping[str, Any],
         mutable: bool,
+        check_train: bool = False,
     ) -> None:
         self.module = module
         self.params = params
@@ -62,6 +122,7 @@ class Model:
         self._call_kwargs = dict(call_kwargs)
         self._mutable = mutable
         self._calls = 0
+        self._check_train = check_train
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -73,17 +134,44 @@ class Model:
         call_key = jax.random.fold_in(self._key, self._calls)
         return {s: jax.random.fold_in(call_key, i) for i, s in enumerate(self._streams)}
 
+    def _apply(self, inputs: tuple[Any, Any, Any, Any], method: Any) -> Any:
+        variables, args, kwargs, rngs = inputs
+        if not self._mutable or not self.buffers:
+            return self.module.apply(variables, *args, method=method, rngs=rngs, **kwargs)
+        return self.module.apply(
+            variables, *args, method=method, rngs=rngs, mutable=list(self.buffers), **kwargs
+        )
+
     def __call__(self, *args: Any, method: Any = None, **kwargs: Any) -> Any:
         kwargs = {**self._call_kwargs, **kwargs}
         rngs = self._rngs()
         self._calls += 1
+        inputs = (self.variables, args, kwargs, rngs)
+        if self._check_train:  # once: the first call of the first trace
+            self._check_train = False
+            probe = _TrainProbe(force=False)
+            with nn.intercept_methods(probe):
+                result = self._apply(inputs, method)
+            if probe.found:
+                self._refuse_eval_mode_layers(inputs, method, list(probe.found))
+        else:
+            result = self._apply(inputs, method)
         if not self._mutable or not self.buffers:
-            return self.module.apply(self.variables, *args, method=method, rngs=rngs, **kwargs)
-        out, updates = self.module.apply(
-            self.variables, *args, method=method, rngs=rngs, mutable=list(self.buffers), **kwargs
-        )
+            return result
+        out, updates = result
         self.buffers = {**self.buffers, **{c: updates[c] for c in self.buffers if c in updates}}
         return out
+
+    def _refuse_eval_mode_layers(self, inputs: Any, method: Any, layers: list[str]) -> None:
+        """Raise if `layers` (called without the `train` they take) behave differently with
+        `train=True`: the traced programs differ (BatchNorm, Dropout; not LayerNorm)."""
+        fn = lambda x: self._apply(x, method)  # noqa: E731
+        if _program(fn, inputs, force=False) != _program(fn, inputs, force=True):
+            raise TypeError(
+                NO_TRAIN_ARGUMENT.format(
+                    module=type(self.module).__name__, layers=", ".join(layers)
+                )
+            )
 
 
 def _accepts_train(module: nn.Module) -> bool:
@@ -142,17 +230,22 @@ def make_train_step(
     - buffers are threaded through the forward pass as mutable and returned updated;
     - `call_kwargs` are passed to every model call; by default `{'train': True}` when the
       module's `__call__` takes a `train` keyword (the `flax_registry.nn` convention), else
-      nothing;
+      nothing. In that case, when the module calls layers that take `train` without passing
+      it, and with `train=True` they would behave differently (BatchNorm, Dropout), the step
+      raises `TypeError` at its first trace instead of silently training them in eval mode
+      (`call_kwargs={}` runs them in eval mode on purpose);
     - each step draws its keys for `rng_streams` from `fold_in(state.rng, state.step)`,
       so a resumed run draws the same dropout masks as an uninterrupted one;
     - `metrics` holds `loss` and whatever `loss_fn` returned with it.
 
-    With `donate=True` (the default) the input state's buffers are donated to the new one:
-    do not use the old state after the call.
+    With `donate=True` (the default) the input state's arrays are donated to the new one:
+    do not use the old state after the call. Only arrays the state owns are consumed:
+    `create_train_state` copies the variables it is given, so they stay valid.
     """
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
         kwargs = _call_kwargs(state.module, call_kwargs, train=True)
+        check_train = call_kwargs is None and not _accepts_train(state.module)
         key = jax.random.fold_in(state.key, state.step)
 
         def compute(params: Any) -> tuple[jax.Array, tuple[dict[str, Any], dict[str, Any]]]:
@@ -164,6 +257,7 @@ def make_train_step(
                 rng_streams=rng_streams,
                 call_kwargs=kwargs,
                 mutable=True,
+                check_train=check_train,
             )
             loss, metrics = _split_result(loss_fn(model, batch))
             return loss, (metrics, model.buffers)
