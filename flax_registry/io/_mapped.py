@@ -110,9 +110,14 @@ def copy_out(view: np.ndarray, dtype: np.dtype, index: Any = None) -> np.ndarray
     """A fresh C-contiguous array of native ``dtype`` from ``view`` (or ``view[index]``).
 
     Only the elements selected by ``index`` are copied, so a slice of a memory-mapped tensor
-    loads just the pages it covers.
+    loads just the pages it covers. A bool byte other than 0 or 1 is read as True and stored
+    as 1 (as torch's ``copy_`` does), so no NumPy or XLA operation sees a non-canonical bool.
     """
     part = view if index is None else view[index]
+    if dtype == np.bool_:
+        canonical = np.empty(part.shape, dtype=np.bool_)
+        np.not_equal(part.view(np.uint8), 0, out=canonical)
+        return canonical
     out = np.array(part, copy=True, order="C")
     return to_native(out, dtype)
 
