@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-EXAMPLES_PER_FORMAT = 1200
+EXAMPLES_PER_FORMAT = 3000
 
 
 def test_mutated_checkpoints_read_as_the_reference_or_are_refused(tmp_path: Path) -> None:
