@@ -120,7 +120,8 @@ class PickleVM:
     def __init__(
         self, data: bytes, hooks: Hooks, *, keys: KeyGuard | None = None, encoding: str = "utf-8"
     ) -> None:
-        self._data = memoryview(data)
+        self._raw = bytes(data)
+        self._data = memoryview(self._raw)
         self._pos = 0
         self._hooks = hooks
         self._encoding = encoding
@@ -178,12 +179,11 @@ class PickleVM:
         return chunk
 
     def _readline(self) -> bytes:
-        data = self._data
-        end = self._pos
-        while end < len(data) and data[end] != 0x0A:
-            end += 1
-        line = bytes(data[self._pos : min(end + 1, len(data))])
-        self._pos = min(end + 1, len(data))
+        """Up to and including the next newline, or to the end (as ``BytesIO.readline``)."""
+        end = self._raw.find(b"\n", self._pos)
+        end = len(self._raw) if end < 0 else end + 1
+        line = self._raw[self._pos : end]
+        self._pos = end
         return line
 
     def load(self) -> Any:
