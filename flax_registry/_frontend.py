@@ -53,6 +53,11 @@ class Frontend(Protocol):
         """Whether the module selects train/eval behaviour from a `train=` argument."""
         ...
 
+    def eval_mode_layers(self, fn: Any, inputs: Any) -> list[str]:
+        """Layers that `fn(inputs)` (a training forward pass) would run in eval mode because
+        nothing passes them `train`, and that would behave differently in train mode."""
+        ...
+
     def tree(
         self,
         module: Any,

@@ -250,13 +250,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status (0 ok; `diff`: 1 when the checkpoints differ;
-    2 for a bad file or arguments)."""
+    2 for a bad file or arguments, with a one-line message on stderr that names the file)."""
     args = _parser().parse_args(argv)
     commands = {"inspect": _inspect, "convert": _convert, "diff": _diff}
     try:
         return commands[args.command](args, sys.stdout)
     except (CheckpointError, OSError, ValueError) as e:
-        print(f"flax-registry {args.command}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever the message holds
+        print(f"flax-registry {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -76,6 +76,11 @@ class LinenFrontend:
     def update(self, module: nn.Module, variables: Mapping[str, Any]) -> Any:
         raise TypeError("a linen module cannot hold variables: use the variables returned")
 
+    def eval_mode_layers(self, fn: Any, inputs: Any) -> list[str]:
+        from .train_probe import eval_mode_layers
+
+        return eval_mode_layers(fn, inputs)
+
     def accepts_train(self, module: nn.Module) -> bool:
         from ..nn.mode import accepts_train
 

@@ -185,5 +185,8 @@ class NNXFrontend:
     def accepts_train(self, module: Any) -> bool:
         return True
 
+    def eval_mode_layers(self, fn: Any, inputs: Any) -> list[str]:
+        return []  # NNX selects modes with model.train(): a step always trains every layer
+
 
 NNX = NNXFrontend()

@@ -11,6 +11,11 @@ home-made: one step is one orbax step directory with the items
   and key, the PyTorch key map (`state_dict` key -> `[collection, flax path]`) and the shape
   and dtype of every saved leaf (so a restore checks its target before reading any array).
 
+An item without arrays (the buffers of an MLP, a transformer or an LSTM, or of a model whose
+only buffers are non-persistent; the state of an optimizer that keeps none) is not written
+as an orbax item, which orbax refuses; `meta` lists it under `empty_items`, and a restore
+checks that the target's item is empty too.
+
 Orbax gives async saving (the default: the call returns once the arrays are copied to the
 host), atomic steps (a step directory is committed only when complete, so a crash mid-save
 leaves the previous step as the latest), retention and save-interval policies, and restores

@@ -187,12 +187,16 @@ class CheckpointManager:
         }
         if _is_train_state(state):
             items["opt_state"] = state.opt_state
+        # orbax refuses an item without arrays ("Found empty item"): a model without buffers,
+        # an optimizer without state. Such an item is recorded in `meta` only.
+        empty = [k for k, v in items.items() if not jax.tree.leaves(v)]
         meta: dict[str, Any] = {
             "format": FORMAT,
             "flax_registry_version": _version(),
             "module": type(self.module).__name__,
             "step": int(step),
-            "items": [*items, "meta"],
+            "items": [*(k for k in items if k not in empty), "meta"],
+            "empty_items": empty,
             "keymap": {k: [c, list(p)] for k, (c, p) in lay.state_dict_keys()},
             "non_persistent": sorted(lay.table[(c, tuple(p))].name for c, *p in dropped),
             "shapes": {k: _shapes(v) for k, v in items.items()},
@@ -201,7 +205,7 @@ class CheckpointManager:
             meta["train_step"] = int(state.step)
             meta["rng"] = np.asarray(state.rng).tolist()
             meta["rng_impl"] = state.rng_impl or default_prng_impl()
-        args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+        args = {k: ocp.args.StandardSave(v) for k, v in items.items() if k not in empty}
         args["meta"] = ocp.args.JsonSave(meta)
         return bool(
             self._manager.save(step, args=ocp.args.Composite(**args), metrics=metrics, force=force)
@@ -291,7 +295,8 @@ class CheckpointManager:
             target = placed
             for part in path:
                 target = target[part]
-            out[path] = jax.device_put(value, target.sharding)
+            # a copy, never the cached value itself: a donating train step deletes its input
+            out[path] = jax.device_put(value, target.sharding, may_alias=False)
         return out
 
     def _restore(
@@ -310,8 +315,9 @@ class CheckpointManager:
                     step=step, directory=self.directory, found=meta.get("format"), expected=FORMAT
                 )
             )
+        empty = set(meta.get("empty_items", ()))
         for item in items:
-            if item not in meta["items"]:
+            if item not in meta["items"] and item not in empty:
                 fix = _errors.NO_OPT_STATE if item == "opt_state" else ""
                 raise KeyError(
                     _errors.MISSING_ITEM.format(
@@ -337,9 +343,11 @@ class CheckpointManager:
                 )
             )
             for k, v in items.items()
+            if k not in empty
         }
-        restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        return {k: restored[k] for k in items}, meta
+        restored = self._manager.restore(step, args=ocp.args.Composite(**args)) if args else {}
+        # an item saved empty has no arrays to read: it is the target's (array-free) structure
+        return {k: v if k in empty else restored[k] for k, v in items.items()}, meta
 
 
 def _non_persistent(lay: Layout) -> set[tuple[str, ...]]:

@@ -23,6 +23,7 @@ def _drop_none(table: dict[str, np.dtype | None]) -> dict[str, np.dtype]:
     return {k: v for k, v in table.items() if v is not None}
 
 
+# The safetensors format's dtype names (no C128: the safetensors library refuses it).
 SAFETENSORS_TO_NUMPY: dict[str, np.dtype] = _drop_none(
     {
         "F64": np.dtype(np.float64),
@@ -44,7 +45,6 @@ SAFETENSORS_TO_NUMPY: dict[str, np.dtype] = _drop_none(
         "F8_E5M2FNUZ": _ml("float8_e5m2fnuz"),
         "F8_E8M0": _ml("float8_e8m0fnu"),
         "C64": np.dtype(np.complex64),
-        "C128": np.dtype(np.complex128),
     }
 )
 
@@ -68,22 +68,18 @@ TORCH_STORAGE_TO_NUMPY: dict[str, np.dtype] = _drop_none(
     }
 )
 
-# `torch.<dtype>` globals (what _rebuild_tensor_v3 checkpoints reference). None: a real torch
-# dtype with no NumPy equivalent; it unpickles, and reading a tensor of it raises CheckpointError.
+# `torch.<dtype>` globals (what _rebuild_tensor_v3 checkpoints reference), by the canonical names
+# pickles use (as torch's weights-only allowlist: no aliases such as `torch.float`). None: a real
+# torch dtype with no NumPy equivalent; it unpickles, and reading a tensor of it raises
+# CheckpointError.
 TORCH_DTYPE_TO_NUMPY: dict[str, np.dtype | None] = {
     "float64": np.dtype(np.float64),
-    "double": np.dtype(np.float64),
     "float32": np.dtype(np.float32),
-    "float": np.dtype(np.float32),
     "float16": np.dtype(np.float16),
-    "half": np.dtype(np.float16),
     "bfloat16": _ml("bfloat16"),
     "int64": np.dtype(np.int64),
-    "long": np.dtype(np.int64),
     "int32": np.dtype(np.int32),
-    "int": np.dtype(np.int32),
     "int16": np.dtype(np.int16),
-    "short": np.dtype(np.int16),
     "int8": np.dtype(np.int8),
     "uint8": np.dtype(np.uint8),
     "uint16": np.dtype(np.uint16),
@@ -91,16 +87,13 @@ TORCH_DTYPE_TO_NUMPY: dict[str, np.dtype | None] = {
     "uint64": np.dtype(np.uint64),
     "bool": np.dtype(np.bool_),
     "complex64": np.dtype(np.complex64),
-    "cfloat": np.dtype(np.complex64),
     "complex128": np.dtype(np.complex128),
-    "cdouble": np.dtype(np.complex128),
     "float8_e4m3fn": _ml("float8_e4m3fn"),
     "float8_e4m3fnuz": _ml("float8_e4m3fnuz"),
     "float8_e5m2": _ml("float8_e5m2"),
     "float8_e5m2fnuz": _ml("float8_e5m2fnuz"),
     "float8_e8m0fnu": _ml("float8_e8m0fnu"),
     "complex32": None,
-    "chalf": None,
     "float4_e2m1fn_x2": None,
     "quint8": None,
     "qint8": None,

@@ -6,6 +6,7 @@ Every message names the file, what was expected, what was found, and the fix.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Iterable
 from os import PathLike
 
@@ -109,6 +110,11 @@ ST_BAD_METADATA = (
     "{path}: the safetensors __metadata__ must map str to str, found {found}. "
     "The file was written by a non-conforming tool: re-save it with safetensors."
 )
+ST_BAD_LAYOUT = (
+    "{path}: the safetensors header is invalid: {problem}. Expected the tensors to follow each "
+    "other from the first data byte to the end of the file (safetensors refuses the file too). "
+    "The file is corrupted or truncated: download it again."
+)
 ST_TRUNCATED = (
     "{path}: the header says {expected} bytes of tensor data but the file has {found}: the file "
     "is truncated (an interrupted download?). Fix: download it again."
@@ -138,6 +144,34 @@ INDEX_KEY_NOT_IN_SHARD = (
 
 # -- PyTorch zip -----------------------------------------------------------------------------------
 
+ZIP_UNREADABLE = (
+    "{path}: could not read the PyTorch checkpoint ({error}). Expected a zip archive written by "
+    "torch.save. The file is corrupted or crafted: download or save it again."
+)
+ZIP_NOT_ZIP_START = (
+    "{path}: not a valid zip archive: the file starts with {head!r}, not with a zip local "
+    "header (b'PK\\x03\\x04'), so torch.load does not read it as a zip checkpoint either. "
+    "Expected a PyTorch checkpoint written by torch.save. The file is corrupted or has data "
+    "prepended: download or save it again."
+)
+ZIP_DUPLICATE = (
+    "{path}: the archive holds {count} entries named {entry!r}. torch.save never writes a name "
+    "twice (torch.load would read one copy, zipfile another): the file is corrupted or crafted."
+)
+ZIP_BAD_VERSION = (
+    "{path}: archive entry {entry!r} holds {found!r}, not a format version PyTorch reads "
+    "(an integer from {low} to {high}). The file is corrupted, or was written by a newer "
+    "PyTorch: upgrade, or re-save it with this one."
+)
+ZIP_NO_VERSION = (
+    "{path}: the archive has no '{prefix}/version' entry, which every torch.save archive holds "
+    "(torch.load refuses it too). The file is truncated or corrupted: download or save it again."
+)
+ZIP_RECORD_SIZE = (
+    "{path}: archive entry {entry!r}: record size ({found} bytes) does not match expected size "
+    "({expected} bytes = {numel} elements * {itemsize} bytes/element) for storage {storage} "
+    "(PyTorch refuses it with the same words). The file is corrupted or crafted."
+)
 ZIP_BAD = (
     "{path}: not a valid zip archive ({error}). Expected a PyTorch checkpoint written by "
     "torch.save (a zip archive). The file is truncated or corrupted: download or save it again."
@@ -196,8 +230,15 @@ NON_TENSOR_VALUE = (
     "to be a tensor. Fix: pick a sub-dict with entry=..., or re-save only the tensors."
 )
 NON_STR_KEY = (
-    "{path}: the state dict{where} has a non-string key {key!r}. Expected str keys like "
+    "{path}: the state dict{where} has a non-string key {key}. Expected str keys like "
     "'layer.weight'. Fix: re-save the state dict with string keys."
+)
+
+# -- tensor layouts (both formats) ------------------------------------------------------------
+
+BAD_LAYOUT = (
+    "{path}: tensor {key!r} cannot be read: {problem}. The file is corrupted or crafted: "
+    "download or save it again."
 )
 
 # -- reader ----------------------------------------------------------------------------------------
@@ -212,3 +253,36 @@ def missing_key_message(key: object, path: str | PathLike[str], keys: Iterable[s
     close = difflib.get_close_matches(str(key), keys, n=5, cutoff=0.6)
     hint = f" Did you mean: {', '.join(repr(k) for k in close)}?" if close else ""
     return MISSING_KEY.format(key=key, path=path, count=len(keys), hint=hint)
+
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel = 3
+_REPR.maxstring = 60
+_REPR.maxother = 60
+_REPR.maxlong = 40
+for _name in ("maxtuple", "maxlist", "maxdict", "maxset", "maxfrozenset", "maxdeque", "maxarray"):
+    setattr(_REPR, _name, 6)
+
+
+def short_repr(x: object, limit: int = 200) -> str:
+    """A bounded ``repr`` of data read from a file: at most 3 levels and 6 items per container,
+    cut at ``limit`` characters. Costs O(1) however large, deep or shared the object is (a plain
+    ``repr`` of a pickled list DAG takes exponential time and memory)."""
+    text = _REPR.repr(x)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_error(e: BaseException, limit: int = 300) -> str:
+    """``Type: message`` of an exception raised while parsing a file, bounded: the message is
+    built from short reprs of its arguments, never from ``str(e)`` of arbitrary objects."""
+    args = e.args
+    if len(args) == 1 and isinstance(args[0], str):
+        text = args[0]
+    elif all(isinstance(a, str | int) for a in args):
+        text = str(e)
+    else:
+        text = ", ".join(short_repr(a, 80) for a in args[:4])
+    text = " ".join(text.split())  # one line
+    if len(text) > limit:
+        text = text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__

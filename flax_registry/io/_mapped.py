@@ -3,12 +3,17 @@
 Backends hand out NumPy *views* over the mapped bytes; :func:`copy_out` turns a view (or an
 indexed part of it) into a fresh, owned, C-contiguous array, so only the pages a read touches
 are ever loaded, and closing the reader never invalidates an array it returned.
+
+A :class:`MappedFile` is safe to share between threads: the first read opens and maps the file
+under a lock (so concurrent first reads map it once, and no thread's descriptor is ever closed
+under another), and later reads only take views of the one immutable mapping.
 """
 
 from __future__ import annotations
 
 import contextlib
 import mmap
+import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,9 +51,22 @@ class MappedFile:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.size = path.stat().st_size
-        self._file: Any = None
         self._mmap: mmap.mmap | None = None
         self._closed = False
+        self._lock = threading.Lock()
+
+    def _mapping(self) -> mmap.mmap:
+        """The mapping, created by the first caller (under the lock; later calls are lock-free)."""
+        mapped = self._mmap
+        if mapped is not None:
+            return mapped
+        with self._lock:
+            if self._closed:
+                raise CheckpointError(CLOSED.format(path=self.path))
+            if self._mmap is None:
+                with open(self.path, "rb") as f:  # mmap keeps its own duplicate of the descriptor
+                    self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            return self._mmap
 
     def bytes_at(self, offset: int, length: int) -> np.ndarray:
         """A read-only uint8 view of ``length`` bytes at ``offset`` (bounds checked by callers)."""
@@ -60,29 +78,25 @@ class MappedFile:
             raise CheckpointError(
                 f"{self.path}: read of {length} bytes at {offset} is outside the file"
             )
-        if self._mmap is None:
-            self._file = open(self.path, "rb")  # noqa: SIM115 - closed in close()
-            self._mmap = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ)
-        return np.frombuffer(self._mmap, dtype=np.uint8, count=length, offset=offset)
+        return np.frombuffer(self._mapping(), dtype=np.uint8, count=length, offset=offset)
 
     def release(self) -> None:
         """Drop the mapped pages from this process's resident memory (`MADV_DONTNEED`); they
         stay in the OS page cache, and a later read maps them back in."""
-        if self._mmap is not None and hasattr(mmap, "MADV_DONTNEED"):
+        mapped = self._mmap
+        if mapped is not None and hasattr(mmap, "MADV_DONTNEED"):
             with contextlib.suppress(OSError, ValueError):
-                self._mmap.madvise(mmap.MADV_DONTNEED)
+                mapped.madvise(mmap.MADV_DONTNEED)
 
     def close(self) -> None:
-        """Unmap and close; arrays already returned by reads stay valid (they are copies)."""
-        self._closed = True
-        if self._mmap is not None:
+        """Unmap; arrays already returned by reads stay valid (they are copies)."""
+        with self._lock:
+            self._closed = True
+            mapped, self._mmap = self._mmap, None
+        if mapped is not None:
             # BufferError: a view is still referenced somewhere; GC unmaps it later.
             with contextlib.suppress(BufferError):
-                self._mmap.close()
-            self._mmap = None
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+                mapped.close()
 
 
 def typed_view(raw: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
@@ -96,9 +110,14 @@ def copy_out(view: np.ndarray, dtype: np.dtype, index: Any = None) -> np.ndarray
     """A fresh C-contiguous array of native ``dtype`` from ``view`` (or ``view[index]``).
 
     Only the elements selected by ``index`` are copied, so a slice of a memory-mapped tensor
-    loads just the pages it covers.
+    loads just the pages it covers. A bool byte other than 0 or 1 is read as True and stored
+    as 1 (as torch's ``copy_`` does), so no NumPy or XLA operation sees a non-canonical bool.
     """
     part = view if index is None else view[index]
+    if dtype == np.bool_:
+        canonical = np.empty(part.shape, dtype=np.bool_)
+        np.not_equal(part.view(np.uint8), 0, out=canonical)
+        return canonical
     out = np.array(part, copy=True, order="C")
     return to_native(out, dtype)
 

@@ -34,7 +34,9 @@ from ._errors import (
     NOT_FOUND,
     UNKNOWN_FORMAT,
     CheckpointError,
+    describe_error,
     missing_key_message,
+    short_repr,
 )
 from ._lazy import LazyTensor
 from ._mapped import TensorFile
@@ -122,8 +124,10 @@ def _open_file(path: Path, entry: str | None, kind: Kind | None = None) -> Tenso
 def _load_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     try:
         index = json.loads(path.read_text(encoding="utf-8-sig"))
+    except RecursionError:
+        raise CheckpointError(INDEX_BAD_JSON.format(path=path, error="nested too deeply")) from None
     except (UnicodeDecodeError, ValueError) as e:
-        raise CheckpointError(INDEX_BAD_JSON.format(path=path, error=e)) from None
+        raise CheckpointError(INDEX_BAD_JSON.format(path=path, error=describe_error(e))) from None
 
     def bad(problem: str) -> CheckpointError:
         return CheckpointError(INDEX_BAD_FORMAT.format(path=path, problem=problem))
@@ -138,9 +142,23 @@ def _load_index(path: Path) -> tuple[dict[str, str], dict[str, Any]]:
     if not isinstance(metadata, dict):
         raise bad(f"'metadata' is a {type(metadata).__name__}, expected an object")
     for shard in set(weight_map.values()):
-        if Path(shard).is_absolute() or ".." in Path(shard).parts:
-            raise bad(f"shard {shard!r} is not a file name inside the index's directory")
+        if "\x00" in shard or Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise bad(f"shard {short_repr(shard)} is not a file name inside the index's directory")
     return weight_map, metadata
+
+
+def _is_shard_file(index: Path, name: str) -> bool:
+    """Whether shard ``name`` of ``index`` is a file; a name the OS cannot look up (longer than
+    NAME_MAX, ...) is a malformed index, not an OSError."""
+    try:
+        return (index.parent / name).is_file()
+    except (OSError, ValueError) as e:
+        raise CheckpointError(
+            INDEX_BAD_FORMAT.format(
+                path=index,
+                problem=f"shard {short_repr(name)} is not a usable file name ({describe_error(e)})",
+            )
+        ) from None
 
 
 def _str_metadata(metadata: Mapping[str, Any]) -> dict[str, str]:
@@ -257,7 +275,7 @@ def _open_index(path: Path) -> CheckpointReader:
         shards: dict[str, TensorFile] = {}
         for name in dict.fromkeys(weight_map.values()):
             shard_path = path.parent / name
-            if not shard_path.is_file():
+            if not _is_shard_file(path, name):
                 raise CheckpointError(
                     INDEX_MISSING_SHARD.format(path=path, shard=name, shard_path=shard_path)
                 )

@@ -5,7 +5,9 @@ planned from each tensor's ``shape``/``dtype`` and tensors are materialized and 
 one (peak memory: the largest tensor, not the whole dict); bfloat16/float8 ``ml_dtypes`` arrays
 and :class:`LazyTensor` values are accepted; ``max_shard_size`` writes the Hugging Face sharded
 layout (``model-00001-of-00003.safetensors`` + ``model.safetensors.index.json``); files appear
-under their final names only once complete (temp file + ``os.replace``).
+under their final names only once complete (temp file + ``os.replace``), and an existing
+sharded checkpoint is replaced as one step: a kill at any point leaves it entirely old or
+entirely new (see :mod:`._commit`).
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import os
 import re
 import struct
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from os import PathLike
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._commit import clean_stale, commit_sharded, commit_single, directory_lock
 from ._dtypes import NUMPY_TO_SAFETENSORS
 
 BAD_KEY = "save_safetensors: tensor names must be str other than '__metadata__', found {key!r}."
@@ -210,33 +213,48 @@ def save_safetensors(
         target = target.with_name(target.name[: -len(".index.json")])
     directory = target.parent
     directory.mkdir(parents=True, exist_ok=True)
+    index_path = directory / f"{target.name}.index.json"
+    with directory_lock(directory) as locked:
+        if locked:
+            clean_stale(target, index_path)
+        return _write(planned, limit, metadata, target, index_path)
+
+
+def _write(
+    planned: list[_Planned],
+    limit: int | None,
+    metadata: Mapping[str, str] | None,
+    target: Path,
+    index_path: Path,
+) -> list[Path]:
+    directory = target.parent
     shards = _split(planned, limit)
     if len(shards) == 1:
         tmp = _write_temp(directory, target.name, _shard_chunks(shards[0], metadata))
-        os.replace(tmp, target)
+        try:
+            commit_single(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
         return [target]
 
     stem = (
         target.name[: -len(".safetensors")] if target.name.endswith(".safetensors") else target.name
     )
     names = [f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    index_path = directory / f"{target.name}.index.json"
-    temps: list[tuple[Path, Path]] = []
-    try:
-        for name, shard in zip(names, shards):
-            temps.append(
-                (_write_temp(directory, name, _shard_chunks(shard, metadata)), directory / name)
-            )
+
+    def write_index(shard_names: Sequence[str]) -> Path:
         index = {
             "metadata": {**(metadata or {}), "total_size": sum(p.nbytes for p in planned)},
-            "weight_map": {p.key: name for name, shard in zip(names, shards) for p in shard},
+            "weight_map": {p.key: n for n, shard in zip(shard_names, shards) for p in shard},
         }
         text = json.dumps(index, indent=2, ensure_ascii=False) + "\n"
-        temps.append((_write_temp(directory, index_path.name, [text.encode("utf-8")]), index_path))
-    except BaseException:
-        for tmp, _ in temps:
+        return _write_temp(directory, index_path.name, [text.encode("utf-8")])
+
+    temps: list[tuple[Path, str]] = []
+    try:
+        for name, shard in zip(names, shards):
+            temps.append((_write_temp(directory, name, _shard_chunks(shard, metadata)), name))
+        return commit_sharded(temps, index_path, write_index, target)
+    finally:
+        for tmp, _ in temps:  # renamed away on success; left over only after an error
             tmp.unlink(missing_ok=True)
-        raise
-    for tmp, final in temps:  # the index last: it only ever names complete shards
-        os.replace(tmp, final)
-    return [final for _, final in temps]

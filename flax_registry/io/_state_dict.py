@@ -17,6 +17,7 @@ from ._errors import (
     NON_TENSOR_VALUE,
     NOT_A_DICT,
     CheckpointError,
+    short_repr,
 )
 from ._unpickler import StoredTensor
 
@@ -36,7 +37,7 @@ def describe(x: object) -> str:
 
 
 def _listing(d: Mapping[object, object], limit: int = 20) -> str:
-    items = [f"{k!r} ({describe(v)})" for k, v in list(d.items())[:limit]]
+    items = [f"{short_repr(k, 120)} ({describe(v)})" for k, v in list(d.items())[:limit]]
     if len(d) > limit:
         items.append(f"... {len(d) - limit} more")
     return ", ".join(items) or "nothing (empty dict)"
@@ -94,7 +95,7 @@ def select_state_dict(obj: object, entry: str | None, path: Path) -> dict[str, S
     out: dict[str, StoredTensor] = {}
     for key, value in obj.items():
         if not isinstance(key, str):
-            raise CheckpointError(NON_STR_KEY.format(path=path, where=where, key=key))
+            raise CheckpointError(NON_STR_KEY.format(path=path, where=where, key=short_repr(key)))
         if not isinstance(value, StoredTensor):
             raise CheckpointError(
                 NON_TENSOR_VALUE.format(path=path, where=where, key=key, found=describe(value))

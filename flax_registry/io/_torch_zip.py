@@ -1,175 +1,249 @@
 """Reading PyTorch zip checkpoints (``torch.save``'s default format) without importing torch.
 
-``data.pkl`` goes through :mod:`._unpickler` (an allowlist; nothing is executed). Storages are
-stored uncompressed in the archive, so each tensor is a strided NumPy view of the memory-mapped
-file at the storage's data offset (found from the zip local header); reads copy only the
-selected elements. Differs from ``torch.load(path, weights_only=True, mmap=True)``: no torch,
-arrays instead of tensors, and a nested checkpoint must name the state dict with ``entry``.
-A re-zipped (deflated) archive still loads, but each read then decompresses its whole storage.
+:mod:`._archive` opens the zip as torch's reader would, ``data.pkl`` goes through
+:mod:`._unpickler` (an allowlist; nothing is executed), and :mod:`._layout` checks every
+tensor's shape, strides and offset against its storage. Storages are stored uncompressed in
+the archive, so each tensor is a strided NumPy view of the memory-mapped file at the storage's
+data offset (found from the zip local header); reads copy only the selected elements.
+
+Everything that parses the file runs inside :func:`._archive.guarded`, so a malformed file
+raises :class:`CheckpointError` naming it, never another exception type. The records torch
+reads and checks are read and checked too (``version`` from 1 to 10, ``byteorder``,
+``.storage_alignment``, each storage's size against its persistent id), so a file torch
+refuses is refused here, and every tensor has the dtype torch gives it.
+
+Differs from ``torch.load(path, weights_only=True, map_location="cpu", mmap=True)``: no
+torch, arrays instead of tensors, a nested checkpoint must name the state dict with
+``entry``, storage CRCs are checked on whole-tensor reads (torch checks none), and a
+duplicated entry name is refused. A re-zipped (deflated) archive still loads, but each read
+then decompresses its whole storage.
 """
 
 from __future__ import annotations
 
-import struct
 import zipfile
 import zlib
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
+from ._archive import ZipArchive, guarded
 from ._dtypes import file_view_dtype
 from ._errors import (
-    ZIP_BAD,
     ZIP_BAD_TENSOR,
+    ZIP_BAD_VERSION,
     ZIP_CORRUPT_ENTRY,
     ZIP_MISSING_STORAGE,
     ZIP_NO_PICKLE,
+    ZIP_NO_VERSION,
+    ZIP_RECORD_SIZE,
     ZIP_TORCHSCRIPT,
     ZIP_UNSUPPORTED_DTYPE,
     CheckpointError,
     missing_key_message,
+    short_repr,
 )
+from ._layout import byte_strides, strided_problem
 from ._mapped import MappedFile, copy_out, native_view, normalize_index
 from ._state_dict import select_state_dict
 from ._unpickler import Storage, StorageType, StoredTensor, unpickle
 
-_LOCAL_HEADER = struct.Struct("<4s2B4HL2L2H")
-_LOCAL_MAGIC = b"PK\x03\x04"
+VERSIONS = (1, 10)
+"""The archive format versions torch 2.x reads (``kMinSupportedFileFormatVersion`` ..
+``kMaxSupportedFileFormatVersion``)."""
 
 
-def _find_prefix(path: Path, names: list[str]) -> str:
-    """The archive's root folder (``'<name>/'``) holding ``data.pkl``."""
-    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
-    if len(pickles) != 1:
-        shown = ", ".join(names[:10]) + (", ..." if len(names) > 10 else "")
-        raise CheckpointError(ZIP_NO_PICKLE.format(path=path, found=shown or "none"))
-    prefix = pickles[0][: -len("data.pkl")]
-    if prefix + "constants.pkl" in names or any(n.startswith(prefix + "code/") for n in names):
-        raise CheckpointError(ZIP_TORCHSCRIPT.format(path=path))
-    return prefix
+def parse_version(raw: bytes) -> int | None:
+    """The record's value as C++ ``std::stoull`` reads it (leading blanks, a sign, digits; the
+    rest ignored; a minus sign wraps around), or None where stoull throws."""
+    text = raw.lstrip(b" \t\n\v\f\r")
+    negative = text[:1] == b"-"
+    if text[:1] in (b"-", b"+"):
+        text = text[1:]
+    digits = len(text) - len(text.lstrip(b"0123456789"))
+    if not digits or digits > 20 or int(text[:digits]) >= 2**64:
+        return None
+    value = int(text[:digits])
+    return (-value) % 2**64 if negative else value
 
 
 class TorchZipFile:
     """One open ``torch.save`` zip archive (the :class:`TensorFile` backend for .pt/.pth/.bin)."""
 
-    def __init__(self, path: Path, *, entry: str | None = None) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        entry: str | None = None,
+        whole: Callable[[Any, Callable[[str, StoredTensor], None]], Any] | None = None,
+        extra_globals: Mapping[tuple[str, str], Callable[..., Any]] | None = None,
+    ) -> None:
+        """`whole`, when given, receives the whole unpickled object and a function that
+        registers a tensor under a key (`io._torch_object`); its result is `self.obj`."""
         self.path = path
         self.metadata: dict[str, str] = {}
         self._map = MappedFile(path)
+        self._archive = ZipArchive(path)
+        self._whole = whole
+        self._extra_globals = extra_globals
         try:
-            self._zip = zipfile.ZipFile(path)
-        except (zipfile.BadZipFile, zipfile.LargeZipFile, OSError, EOFError) as e:
-            raise CheckpointError(ZIP_BAD.format(path=path, error=e)) from None
-        try:
-            self._init(entry)
+            with guarded(path):
+                self._init(entry)
         except BaseException:
-            self._zip.close()
+            self._archive.close()
             raise
 
+    def _record(self, name: str) -> zipfile.ZipInfo | None:
+        return self._archive.entries.get(f"{self._prefix}/{name}")
+
+    def _read_record(self, name: str) -> bytes:
+        info = self._record(name)
+        assert info is not None
+        return self._archive.read(info)
+
     def _init(self, entry: str | None) -> None:
-        names = self._zip.namelist()
-        self._prefix = _find_prefix(self.path, names)
-        self._byteorder = "little"
-        if self._prefix + "byteorder" in names:
-            order = self._read_entry(self._prefix + "byteorder").decode("ascii", "replace")
-            if order not in ("little", "big"):
-                raise CheckpointError(
-                    ZIP_CORRUPT_ENTRY.format(
-                        path=self.path, entry="byteorder", problem=f"unknown byte order {order!r}"
-                    )
-                )
-            self._byteorder = order
-        self._storages: dict[str, zipfile.ZipInfo] = {}
-        obj = unpickle(
-            self._read_entry(self._prefix + "data.pkl"),
-            path=self.path,
-            storage_loader=self._load_storage,
+        infos = self._archive.infos
+        first = infos[0].filename if infos else ""
+        # torch's reader takes the folder of the archive's first entry as the checkpoint's root
+        self._prefix = first.split("/", 1)[0]
+        if "/" not in first or self._record("data.pkl") is None:
+            names = [i.filename for i in infos]
+            shown = ", ".join(map(repr, names[:10])) + (", ..." if len(names) > 10 else "")
+            raise CheckpointError(ZIP_NO_PICKLE.format(path=self.path, found=shown or "none"))
+        stray = next(
+            (i.filename for i in infos if not i.filename.startswith(self._prefix + "/")), None
         )
-        tensors = select_state_dict(obj, entry, self.path)
+        if stray is not None:
+            raise CheckpointError(
+                ZIP_CORRUPT_ENTRY.format(
+                    path=self.path,
+                    entry=stray,
+                    problem=f"it is outside the archive's folder '{self._prefix}/' (torch.load "
+                    "refuses such an archive)",
+                )
+            )
+        if self._record("constants.pkl") is not None or any(
+            i.filename.startswith(f"{self._prefix}/code/") for i in infos
+        ):
+            raise CheckpointError(ZIP_TORCHSCRIPT.format(path=self.path))
+        self._storages: dict[str, zipfile.ZipInfo] = {}
+        loaded: list[Storage] = []
+
+        def load_storage(key: str, storage_type: StorageType, numel: int) -> Storage:
+            loaded.append(self._load_storage(key, storage_type, numel))
+            return loaded[-1]
+
+        obj = unpickle(
+            self._read_record("data.pkl"),
+            path=self.path,
+            storage_loader=load_storage,
+            extra_globals=self._extra_globals,
+        )
+        self._byteorder = self._check_records()
         self._tensors: dict[str, StoredTensor] = {}
-        for key, t in tensors.items():
+
+        def register(key: str, t: StoredTensor) -> None:
             self._check_tensor(key, t)
             self._tensors[key] = t
+
+        if self._whole is not None:
+            self.obj = self._whole(obj, register)
+        else:
+            for key, t in select_state_dict(obj, entry, self.path).items():
+                register(key, t)
+        for storage in loaded:
+            self._check_record_size(storage)
         self._offsets: dict[str, int | None] = {}
         self._verified: set[str] = set()
 
-    def _read_entry(self, name: str) -> bytes:
-        """Read a whole archive entry; zipfile checks its CRC."""
-        try:
-            return self._zip.read(name)
-        except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+    def _check_records(self) -> str:
+        """Read the records torch.load reads, with its checks; returns the byte order."""
+        if self._record(".data/serialization_id") is not None:
+            self._read_record(".data/serialization_id").decode("utf-8")  # torch.load decodes it
+        name = ".data/version" if self._record(".data/version") is not None else "version"
+        if self._record(name) is None:
+            raise CheckpointError(ZIP_NO_VERSION.format(path=self.path, prefix=self._prefix))
+        raw = self._read_record(name)
+        version = parse_version(raw)
+        if version is None or not VERSIONS[0] <= version <= VERSIONS[1]:
             raise CheckpointError(
-                ZIP_CORRUPT_ENTRY.format(path=self.path, entry=name, problem=e)
-            ) from None
+                ZIP_BAD_VERSION.format(
+                    path=self.path, entry=name, found=raw[:40], low=VERSIONS[0], high=VERSIONS[1]
+                )
+            )
+        if self._record(".format_version") is not None:
+            self._read_record(".format_version")
+        order = "little"
+        if self._record("byteorder") is not None:
+            raw = self._read_record("byteorder")
+            if raw not in (b"little", b"big"):
+                raise CheckpointError(
+                    ZIP_CORRUPT_ENTRY.format(
+                        path=self.path,
+                        entry="byteorder",
+                        problem=f"unknown byte order {short_repr(raw[:40])}",
+                    )
+                )
+            order = raw.decode()
+        if self._record(".storage_alignment") is not None:
+            int(self._read_record(".storage_alignment"))  # what torch.load does with it
+        return order
 
-    def _load_storage(self, key: str, storage_type: StorageType) -> Storage:
-        name = f"{self._prefix}data/{key}"
-        try:
-            self._storages[key] = self._zip.getinfo(name)
-        except KeyError:
+    def _load_storage(self, key: str, storage_type: StorageType, numel: int) -> Storage:
+        info = self._record(f"data/{key}")
+        if info is None:
+            name = f"{self._prefix}/data/{key}"
+            raise CheckpointError(ZIP_MISSING_STORAGE.format(path=self.path, key=key, entry=name))
+        assert storage_type.dtype is not None  # the unpickler refuses TypedStorage
+        if info.compress_size:
+            self._archive.data_start(info)  # what torch checks before reading a record
+        self._storages[key] = info
+        return Storage(key, storage_type, numel * storage_type.dtype.itemsize)
+
+    def _check_record_size(self, storage: Storage) -> None:
+        """torch.load refuses a storage whose record is not exactly its persistent id's numel
+        times the element size (so neither shorter nor longer, however the tensors use it)."""
+        info = self._storages[storage.key]
+        if info.file_size != storage.nbytes:
+            assert storage.type.dtype is not None
+            itemsize = storage.type.dtype.itemsize
             raise CheckpointError(
-                ZIP_MISSING_STORAGE.format(path=self.path, key=key, entry=name)
-            ) from None
-        return Storage(key, storage_type)
+                ZIP_RECORD_SIZE.format(
+                    path=self.path,
+                    entry=info.filename,
+                    found=info.file_size,
+                    expected=storage.nbytes,
+                    numel=storage.nbytes // itemsize,
+                    itemsize=itemsize,
+                    storage=storage.type.name,
+                )
+            )
 
     def _check_tensor(self, key: str, t: StoredTensor) -> None:
         """Refuse tensors whose elements would fall outside their storage (crafted files)."""
         info = self._storages[t.storage.key]
-
-        def bad(problem: str) -> CheckpointError:
-            return CheckpointError(
-                ZIP_BAD_TENSOR.format(path=self.path, entry=info.filename, problem=problem)
-            )
-
         if t.dtype is None:
             raise CheckpointError(
                 ZIP_UNSUPPORTED_DTYPE.format(path=self.path, key=key, dtype=t.dtype_name)
             )
-        if t.numel == 0:
-            return
-        last = t.offset + sum((d - 1) * s for d, s in zip(t.shape, t.stride))
-        needed = (last + 1) * t.dtype.itemsize
-        if needed > info.file_size:
-            raise bad(
-                f"shape {t.shape}, stride {t.stride} and offset {t.offset} reach byte {needed}, "
-                f"but the storage holds {info.file_size} bytes"
-            )
-
-    def _data_offset(self, info: zipfile.ZipInfo) -> int | None:
-        """Where an entry's bytes start in the file; None if it is compressed (then read it)."""
-        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
-            return None
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            head = f.read(_LOCAL_HEADER.size)
-        if len(head) != _LOCAL_HEADER.size or head[:4] != _LOCAL_MAGIC:
+        size = min(info.file_size, t.storage.nbytes)
+        problem = strided_problem(t.shape, t.stride, t.offset, t.dtype.itemsize, size)
+        if problem is not None:
             raise CheckpointError(
-                ZIP_CORRUPT_ENTRY.format(
-                    path=self.path, entry=info.filename, problem="bad local file header"
-                )
+                ZIP_BAD_TENSOR.format(path=self.path, entry=info.filename, problem=problem)
             )
-        fields = _LOCAL_HEADER.unpack(head)
-        start = info.header_offset + _LOCAL_HEADER.size + fields[-2] + fields[-1]
-        if start + info.file_size > self._map.size:
-            raise CheckpointError(
-                ZIP_CORRUPT_ENTRY.format(
-                    path=self.path,
-                    entry=info.filename,
-                    problem=f"its data ends at byte {start + info.file_size}, past the end of the "
-                    f"file ({self._map.size} bytes): the file is truncated",
-                )
-            )
-        return start
 
     def _storage_bytes(self, key: str, *, verify: bool) -> np.ndarray:
         info = self._storages[key]
         if key not in self._offsets:
-            self._offsets[key] = self._data_offset(info)
+            start = self._archive.data_start(info)
+            self._offsets[key] = start if info.compress_type == zipfile.ZIP_STORED else None
         offset = self._offsets[key]
         if offset is None:  # compressed entry: zipfile decompresses and checks the CRC
-            return np.frombuffer(self._read_entry(info.filename), dtype=np.uint8)
+            return np.frombuffer(self._archive.read(info), dtype=np.uint8)
         raw = self._map.bytes_at(offset, info.file_size)
         if verify and key not in self._verified:
             if zlib.crc32(raw.data) != info.CRC:
@@ -192,7 +266,7 @@ class TorchZipFile:
         # opaque same-size items, then view them as the real dtype.
         opaque = np.dtype((np.void, itemsize))
         base = raw[: raw.size - raw.size % itemsize].view(opaque)[t.offset :]
-        strides = tuple(s * itemsize for s in t.stride)
+        strides = byte_strides(t.shape, t.stride, itemsize)
         return as_strided(base, shape=t.shape, strides=strides, writeable=False).view(view_dtype)
 
     def keys(self) -> list[str]:
@@ -216,7 +290,7 @@ class TorchZipFile:
         """The whole tensor. Checks the storage's CRC-32 when the tensor spans all of it."""
         t = self._get(key)
         assert t.dtype is not None
-        covers = t.numel * t.dtype.itemsize == self._storages[t.storage.key].file_size
+        covers = t.numel * t.dtype.itemsize == t.storage.nbytes
         return copy_out(self._view(t, verify=covers), t.dtype)
 
     def read_slice(self, key: str, index: Any) -> np.ndarray:
@@ -234,4 +308,4 @@ class TorchZipFile:
 
     def close(self) -> None:
         self._map.close()
-        self._zip.close()
+        self._archive.close()

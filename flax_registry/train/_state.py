@@ -109,6 +109,15 @@ class TrainState:
         return create_train_state(module, variables, tx, **kw)
 
 
+def _owned(tree: Any) -> Any:
+    """``tree`` with every ``jax.Array`` replaced by a copy on the same devices (same sharding,
+    same committedness): arrays the state owns, which a donating train step may consume without
+    deleting the arrays its caller still holds."""
+    return jax.tree.map(
+        lambda x: jax.device_put(x, may_alias=False) if isinstance(x, jax.Array) else x, tree
+    )
+
+
 def _is_abstract(tree: Any) -> bool:
     return any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(tree))
 
@@ -167,6 +176,13 @@ def create_train_state(
     With abstract `variables` (`flax_registry.abstract_variables(module)`) the state is
     abstract too (nothing allocated): the target for `CheckpointManager.restore`.
 
+    The state owns its arrays: concrete `variables` are copied (on their devices, with their
+    shardings), so the donating train step (`make_train_step`'s default) never deletes the
+    arrays of `variables`. They stay usable, for a second state or `fr.state_dict`; the price
+    is a second copy of the model for as long as the caller keeps `variables` alive. Unlike
+    `optimizer = torch.optim.X(model.parameters())`, which updates the module's own tensors,
+    the state's parameters are its own: read the trained ones from the state.
+
     An NNX model holds its variables: `create_train_state(model, tx, ...)`; the state's
     `module` is then the model's definition, and `flax_registry.nnx.update(model,
     state.variables)` puts trained values back into a model.
@@ -220,6 +236,7 @@ def create_train_state(
         step: Any = jax.ShapeDtypeStruct((), jnp.int32)
         key = jax.ShapeDtypeStruct(key.shape, key.dtype)  # type: ignore[assignment]
     else:
+        params, buffers, key = _owned((params, buffers, key))
         opt_state = full_tx.init(params)
         step = jnp.zeros((), jnp.int32)
     return TrainState(

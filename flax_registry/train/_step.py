@@ -33,6 +33,15 @@ _BAD_LOSS = (
     "loss_fn must return a scalar loss or a (loss, metrics) pair; it returned {what}. "
     "Reduce the loss to a scalar, e.g. with .mean()."
 )
+NO_TRAIN_ARGUMENT = (
+    "make_train_step: {module}.__call__ takes no `train` argument, so {layers} ran in eval "
+    "mode (train=False, their default) in a training step: BatchNorm's running statistics do "
+    "not update and dropout does nothing, where PyTorch's model.train() switches every layer. "
+    "Fix: give {module}.__call__ a `train: bool = False` argument and pass it on "
+    "(`self.bn(x, train=train)`, or `flax_registry.nn.mode.call(layer, x, train=train)` for any "
+    "layer); or, to train with these layers in eval mode on purpose (e.g. frozen BatchNorm), "
+    "pass call_kwargs={{}} to make_train_step."
+)
 
 
 class Model:
@@ -53,6 +62,7 @@ class Model:
         rng_streams: Sequence[str],
         call_kwargs: Mapping[str, Any],
         mutable: bool,
+        check_train: bool = False,
     ) -> None:
         self.module = module
         self.params = params
@@ -62,6 +72,7 @@ class Model:
         self._call_kwargs = dict(call_kwargs)
         self._mutable = mutable
         self._calls = 0
+        self._check_train = check_train
 
     @property
     def variables(self) -> dict[str, Any]:
@@ -73,26 +84,40 @@ class Model:
         call_key = jax.random.fold_in(self._key, self._calls)
         return {s: jax.random.fold_in(call_key, i) for i, s in enumerate(self._streams)}
 
+    def _apply(self, inputs: tuple[Any, Any, Any, Any], method: Any) -> Any:
+        variables, args, kwargs, rngs = inputs
+        frontend = frontend_of(self.module)
+        mutable = list(self.buffers) if self._mutable and self.buffers else False
+        return frontend.apply(
+            self.module, variables, *args, method=method, rngs=rngs, mutable=mutable, **kwargs
+        )
+
     def __call__(self, *args: Any, method: Any = None, **kwargs: Any) -> Any:
         kwargs = {**self._call_kwargs, **kwargs}
         rngs = self._rngs()
         self._calls += 1
-        frontend = frontend_of(self.module)
+        inputs = (self.variables, args, kwargs, rngs)
+        if self._check_train:  # once: the first call of the first trace
+            self._check_train = False
+            self._refuse_eval_mode_layers(inputs, method)
+        result = self._apply(inputs, method)
         if not self._mutable or not self.buffers:
-            return frontend.apply(
-                self.module, self.variables, *args, method=method, rngs=rngs, **kwargs
-            )
-        out, updates = frontend.apply(
-            self.module,
-            self.variables,
-            *args,
-            method=method,
-            rngs=rngs,
-            mutable=list(self.buffers),
-            **kwargs,
-        )
+            return result
+        out, updates = result
         self.buffers = {**self.buffers, **{c: updates[c] for c in self.buffers if c in updates}}
         return out
+
+    def _refuse_eval_mode_layers(self, inputs: Any, method: Any) -> None:
+        """Raise if layers called without the `train` they take behave differently with
+        `train=True` (BatchNorm, Dropout; not LayerNorm): the front-end compares programs."""
+        frontend = frontend_of(self.module)
+        layers = frontend.eval_mode_layers(lambda x: self._apply(x, method), inputs)
+        if layers:
+            raise TypeError(
+                NO_TRAIN_ARGUMENT.format(
+                    module=frontend.display_name(self.module), layers=", ".join(layers)
+                )
+            )
 
 
 def _accepts_train(module: ModuleDef) -> bool:
@@ -145,17 +170,22 @@ def make_train_step(
     - buffers are threaded through the forward pass as mutable and returned updated;
     - `call_kwargs` are passed to every model call; by default `{'train': True}` when the
       module's `__call__` takes a `train` keyword (the `flax_registry.nn` convention), else
-      nothing;
+      nothing. In that case, when the module calls layers that take `train` without passing
+      it, and with `train=True` they would behave differently (BatchNorm, Dropout), the step
+      raises `TypeError` at its first trace instead of silently training them in eval mode
+      (`call_kwargs={}` runs them in eval mode on purpose);
     - each step draws its keys for `rng_streams` from `fold_in(state.rng, state.step)`,
       so a resumed run draws the same dropout masks as an uninterrupted one;
     - `metrics` holds `loss` and whatever `loss_fn` returned with it.
 
-    With `donate=True` (the default) the input state's buffers are donated to the new one:
-    do not use the old state after the call.
+    With `donate=True` (the default) the input state's arrays are donated to the new one:
+    do not use the old state after the call. Only arrays the state owns are consumed:
+    `create_train_state` copies the variables it is given, so they stay valid.
     """
 
     def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
         kwargs = _call_kwargs(state.module, call_kwargs, train=True)
+        check_train = call_kwargs is None and not _accepts_train(state.module)
         key = jax.random.fold_in(state.key, state.step)
 
         def compute(params: Any) -> tuple[jax.Array, tuple[dict[str, Any], dict[str, Any]]]:
@@ -167,6 +197,7 @@ def make_train_step(
                 rng_streams=rng_streams,
                 call_kwargs=kwargs,
                 mutable=True,
+                check_train=check_train,
             )
             loss, metrics = _split_result(loss_fn(model, batch))
             return loss, (metrics, model.buffers)
