@@ -2,9 +2,12 @@
 
 Three versions of one module, each with two bias-free 3x3 convolutions (3 -> 6 -> 9 channels),
 a 10x10 `weight` of ones and a 10-element `bias` of zeros, held (a) as plain attributes,
-(b) with `register_parameter`, (c) with `register_buffer`. For each, the script prints what
-`named_parameters()` and `state_dict()` list. When PyTorch is installed, it builds the same
-three modules in PyTorch, prints them beside the Flax ones and checks that the lists agree.
+(b) with `register_parameter`, (c) with `register_buffer`, each written for both of Flax's
+APIs: linen (`flax_registry.Module`, registering in `setup()`) and NNX
+(`flax_registry.nnx.Module`, registering in `__init__`, as PyTorch does). For each, the script
+prints what `named_parameters()` and `state_dict()` list, side by side. When PyTorch is
+installed, it builds the same three modules in PyTorch, prints them in a third column and
+checks that all lists agree.
 
     python examples/parameter_vs_buffer.py
 """
@@ -17,9 +20,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 import flax_registry as fr
 from flax_registry.nn import Conv2d
+from flax_registry.nnx import nn as nnx_nn
 
 
 class PlainAttributes(fr.Module):
@@ -48,6 +53,36 @@ class RegisteredBuffers(fr.Module):
     def setup(self) -> None:
         self.conv1 = Conv2d(3, 6, 3, bias=False)
         self.conv2 = Conv2d(6, 9, 3, bias=False)
+        self.register_buffer("weight", jnp.ones((10, 10)))
+        self.register_buffer("bias", jnp.zeros(10))
+
+
+class NNXPlainAttributes(fr.nnx.Module):
+    """(a) in NNX: a plain array attribute is in no listing (PyTorch's rule, not NNX's own)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.conv1 = nnx_nn.Conv2d(3, 6, 3, bias=False, rngs=rngs)
+        self.conv2 = nnx_nn.Conv2d(6, 9, 3, bias=False, rngs=rngs)
+        self.weight = jnp.ones((10, 10))
+        self.bias = jnp.zeros(10)
+
+
+class NNXRegisteredParameters(fr.nnx.Module):
+    """(b) in NNX: `register_parameter` (an `nnx.Param`)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.conv1 = nnx_nn.Conv2d(3, 6, 3, bias=False, rngs=rngs)
+        self.conv2 = nnx_nn.Conv2d(6, 9, 3, bias=False, rngs=rngs)
+        self.register_parameter("weight", fr.Parameter(jnp.ones((10, 10))))
+        self.register_parameter("bias", fr.Parameter(jnp.zeros(10)))
+
+
+class NNXRegisteredBuffers(fr.nnx.Module):
+    """(c) in NNX: `register_buffer` (a `flax_registry.nnx.Buffer`)."""
+
+    def __init__(self, rngs: nnx.Rngs) -> None:
+        self.conv1 = nnx_nn.Conv2d(3, 6, 3, bias=False, rngs=rngs)
+        self.conv2 = nnx_nn.Conv2d(6, 9, 3, bias=False, rngs=rngs)
         self.register_buffer("weight", jnp.ones((10, 10)))
         self.register_buffer("bias", jnp.zeros(10))
 
@@ -88,46 +123,54 @@ def listing(pairs: Any) -> list[tuple[str, tuple[int, ...]]]:
     return [(name, tuple(value.shape)) for name, value in pairs]
 
 
-def show(title: str, flax_rows: list[Any], torch_rows: list[Any] | None) -> bool:
+def show(title: str, columns: dict[str, list[Any]]) -> bool:
+    """Print the listings side by side; whether they all agree."""
     print(f"  {title}")
-    width = max([len(f"{n} {s}") for n, s in flax_rows] + [24])
-    header = f"    {'flax_registry':<{width}}" + ("  torch" if torch_rows is not None else "")
-    print(header)
-    rows = max(len(flax_rows), len(torch_rows or []))
-    for i in range(rows):
-        ours = f"{flax_rows[i][0]} {flax_rows[i][1]}" if i < len(flax_rows) else "-"
-        theirs = ""
-        if torch_rows is not None:
-            theirs = f"{torch_rows[i][0]} {torch_rows[i][1]}" if i < len(torch_rows) else "-"
-        print(f"    {ours:<{width}}  {theirs}".rstrip())
-    if not rows:
+    width = max([len(f"{n} {s}") for rows in columns.values() for n, s in rows] + [22])
+    print("    " + "  ".join(f"{name:<{width}}" for name in columns).rstrip())
+    depth = max(len(rows) for rows in columns.values())
+    for i in range(depth):
+        cells = [f"{r[i][0]} {r[i][1]}" if i < len(r) else "-" for r in columns.values()]
+        print("    " + "  ".join(f"{c:<{width}}" for c in cells).rstrip())
+    if not depth:
         print("    (empty)")
-    return torch_rows is None or flax_rows == torch_rows
+    first, *others = columns.values()
+    return all(rows == first for rows in others)
 
 
 def main() -> int:
     have_torch = importlib.util.find_spec("torch") is not None
     twins = torch_twins() if have_torch else {}
-    modules = {"a": PlainAttributes(), "b": RegisteredParameters(), "c": RegisteredBuffers()}
+    linen = {"a": PlainAttributes(), "b": RegisteredParameters(), "c": RegisteredBuffers()}
+    nnx_models = {
+        "a": NNXPlainAttributes(nnx.Rngs(0)),
+        "b": NNXRegisteredParameters(nnx.Rngs(0)),
+        "c": NNXRegisteredBuffers(nnx.Rngs(0)),
+    }
     titles = {"a": "plain attributes", "b": "register_parameter", "c": "register_buffer"}
     agree = True
-    for key, module in modules.items():
+    for key, module in linen.items():
         variables = fr.init_variables(module, jax.random.key(0))
-        print(f"\n({key}) {titles[key]}: {type(module).__name__}")
+        model = nnx_models[key]
+        print(f"\n({key}) {titles[key]}: {type(module).__name__} / {type(model).__name__}")
         twin = twins.get(key)
-        agree &= show(
-            "named_parameters()",
-            listing(fr.named_parameters(module, variables)),
-            listing(twin.named_parameters()) if twin is not None else None,
-        )
-        agree &= show(
-            "state_dict()",
-            listing(fr.state_dict(module, variables).items()),
-            listing(twin.state_dict().items()) if twin is not None else None,
-        )
+        parameters = {
+            "linen": listing(fr.named_parameters(module, variables)),
+            "nnx": listing(model.named_parameters()),
+        }
+        saved = {
+            "linen": listing(fr.state_dict(module, variables).items()),
+            "nnx": listing(model.state_dict().items()),
+        }
+        if twin is not None:
+            parameters["torch"] = listing(twin.named_parameters())
+            saved["torch"] = listing(twin.state_dict().items())
+        agree &= show("named_parameters()", parameters)
+        agree &= show("state_dict()", saved)
     if not have_torch:
-        print("\nPyTorch is not installed: skipped the side-by-side check.")
-        return 0
+        print("\nPyTorch is not installed: compared linen with NNX only.")
+        print("names and shapes agree between linen and NNX:", "yes" if agree else "NO")
+        return 0 if agree else 1
     print("\nnames and shapes agree with PyTorch:", "yes" if agree else "NO")
     return 0 if agree else 1
 

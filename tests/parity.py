@@ -42,7 +42,11 @@ def load_from_torch(module: Any, torch_module: torch.nn.Module, *example: Any) -
 
 def assert_state_dict_matches(module: Any, variables: Any, torch_module: torch.nn.Module) -> None:
     """Same keys in the same order, same shapes, same dtype kind (integer buffers integer)."""
-    ours = fr.state_dict(module, variables)
+    assert_state_dict_keys_match(fr.state_dict(module, variables), torch_module)
+
+
+def assert_state_dict_keys_match(ours: Any, torch_module: torch.nn.Module) -> None:
+    """`ours` (a state dict) has torch's keys in torch's order, shapes and dtype kinds."""
     theirs = torch_module.state_dict()
     assert list(ours) == list(theirs)
     for key, value in theirs.items():
@@ -56,7 +60,12 @@ def assert_close(actual: Any, expected: Any, **tol: float) -> None:
 
 def assert_buffers_match(module: Any, variables: Any, torch_module: torch.nn.Module) -> None:
     """Every buffer (running statistics, counters) equals torch's; integer buffers exactly."""
-    ours = dict(fr.named_buffers(module, variables))
+    assert_named_buffers_match(dict(fr.named_buffers(module, variables)), torch_module)
+
+
+def assert_named_buffers_match(ours: Any, torch_module: torch.nn.Module) -> None:
+    """`ours` (named buffers) equal torch's buffers; integer buffers exactly."""
+    assert [k for k, _ in torch_module.named_buffers()] == list(ours)
     for key, value in torch_module.named_buffers():
         expected = to_numpy(value)
         if expected.dtype.kind in "iub":

@@ -26,9 +26,10 @@ def test_parameter_vs_buffer_agrees_with_torch():
     # (a) plain attributes are absent from both listings, (c) buffers are saved, not learned.
     plain, params, buffers = out.split("\n(")[1:4]
     assert "weight (10, 10)" not in plain
-    assert params.count("weight (10, 10)") == 4  # two listings, two columns
+    assert params.count("weight (10, 10)") == 6  # two listings, three columns
     assert buffers.split("state_dict()")[0].count("weight (10, 10)") == 0
-    assert buffers.split("state_dict()")[1].count("weight (10, 10)") == 2
+    assert buffers.split("state_dict()")[1].count("weight (10, 10)") == 3
+    assert "    linen" in out and "nnx" in out and "torch" in out
 
 
 def test_port_a_torch_model_agrees_with_torch():

@@ -12,6 +12,7 @@ layer of `TransformerEncoder`) is unwrapped to its definition.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -21,6 +22,7 @@ from flax import nnx
 
 from .. import _nested
 from .._registry import PARAMS
+from .module import Module
 from .variables import Buffer
 
 _NOT_HASHABLE = (
@@ -55,8 +57,9 @@ def plain(tree: Any) -> dict[str, Any]:
     }
 
 
-class LinenLayer(nnx.Module):
-    """An NNX module running a linen layer definition on NNX-held variables."""
+class LinenLayer(Module):
+    """An NNX module running a linen layer definition on NNX-held variables (with PyTorch's
+    state API as methods, as every `flax_registry.nnx.Module`)."""
 
     def __init__(
         self,
@@ -68,16 +71,12 @@ class LinenLayer(nnx.Module):
         from .._names import torch_names
         from .._variables import init_variables
 
-        try:
-            hash(definition)
-        except TypeError as error:
-            raise TypeError(
-                _NOT_HASHABLE.format(cls=type(definition).__name__, error=error)
-            ) from None
+        definition = _hashable(definition)
         self.definition = definition
         if variables is None:
             key = rngs.params() if rngs is not None else jax.random.key(0)
             variables = init_variables(definition, key)
+        variables = _complete(definition, variables)
         table = torch_names(definition, variables).table
         persistent = {(c, *p): info.persistent for (c, p), info in table.items()}
         self.variables = _to_nnx(variables, persistent)
@@ -110,6 +109,46 @@ class LinenLayer(nnx.Module):
                 variable = variable[part]
             variable.set_value(value)
         return out
+
+
+def _complete(definition: Any, variables: Mapping[str, Any]) -> dict[str, Any]:
+    """`variables` with every registered tensor present: a non-persistent buffer that no load
+    filled in gets the value the definition computes for it (as PyTorch's `__init__`)."""
+    from .._frontend import frontend_of
+    from .._node import all_slots
+
+    out = _nested.copy_dicts(variables)
+    root = frontend_of(definition).tree(definition, variables)
+    for _, slot, value in all_slots(root):
+        if _nested.get(out, (slot.collection, *slot.path), None) is None:
+            _nested.set_leaf(out, (slot.collection, *slot.path), value)
+    return out
+
+
+def _hashable(definition: Any) -> Any:
+    """`definition` with list fields as tuples (PyTorch takes `normalized_shape=[3, 4]`; an
+    NNX module's static definition must hash)."""
+    try:
+        hash(definition)
+        return definition
+    except TypeError:
+        pass
+    lists = {
+        f.name: _tuples(getattr(definition, f.name))
+        for f in dataclasses.fields(definition)
+        if f.init and isinstance(getattr(definition, f.name), list)
+    }
+    if lists:
+        definition = dataclasses.replace(definition, **lists)
+    try:
+        hash(definition)
+    except TypeError as error:
+        raise TypeError(_NOT_HASHABLE.format(cls=type(definition).__name__, error=error)) from None
+    return definition
+
+
+def _tuples(value: Any) -> Any:
+    return tuple(_tuples(v) for v in value) if isinstance(value, list | tuple) else value
 
 
 def _unwrap(value: Any) -> Any:

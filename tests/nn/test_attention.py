@@ -14,6 +14,7 @@ import torch
 
 import flax_registry as fr
 from flax_registry.nn.attention import MultiheadAttention
+from tests.frontends import Loaded, frontends
 from tests.parity import assert_close, assert_state_dict_matches, key
 from tests.parity import load_from_torch as from_torch
 
@@ -53,8 +54,13 @@ def tt(x: Any) -> Any:
     return None if x is None else torch.tensor(np.asarray(x))
 
 
-def compare(m: Any, v: Any, t: Any, q: Any, k: Any, val: Any, **kwargs: Any) -> None:
-    out, weights = m.apply(v, q, k, val, **kwargs)
+def compare(
+    m: Any, v: Any, t: Any, q: Any, k: Any, val: Any, frontend: str = "linen", **kwargs: Any
+) -> None:
+    if frontend == "linen":
+        out, weights = m.apply(v, q, k, val, **kwargs)
+    else:
+        out, weights = Loaded(frontend, m, t)(q, k, val, **kwargs)
     t_kwargs = {key: tt(x) if isinstance(x, np.ndarray) else x for key, x in kwargs.items()}
     with torch.no_grad():
         t_out, t_weights = t(tt(q), tt(k), tt(val), **t_kwargs)
@@ -105,9 +111,12 @@ def test_state_dict_matches_torch(variant: dict[str, Any], batch_first: bool) ->
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("call", CALLS)
-def test_forward_matches_torch(variant: dict[str, Any], call: dict[str, Any]) -> None:
+@frontends
+def test_forward_matches_torch(
+    variant: dict[str, Any], call: dict[str, Any], frontend: str
+) -> None:
     m, v, t = make(**variant)
-    compare(m, v, t, *inputs(m), **call)
+    compare(m, v, t, *inputs(m), frontend=frontend, **call)
 
 
 @pytest.mark.parametrize("call", CALLS[:8:2])
@@ -175,37 +184,37 @@ def test_dropout_on_attention_weights() -> None:
         m.apply(v, q, k, val, train=True)
 
 
-def _grad_check(m: Any, v: Any, t: Any, q: Any, k: Any, val: Any, **kwargs: Any) -> None:
+def _grad_check(
+    m: Any, v: Any, t: Any, q: Any, k: Any, val: Any, frontend: str = "linen", **kwargs: Any
+) -> None:
     """Gradients of sum(out * c1) + sum(weights * c2) w.r.t. query, key, value and every
-    parameter agree with torch's autograd."""
+    parameter agree with torch's autograd (one compilation of the whole backward pass)."""
     out, weights = m.apply(v, q, k, val, **kwargs)
     rng = np.random.default_rng(4)
     c1 = rng.standard_normal(out.shape).astype(np.float32)
     c2 = rng.standard_normal(weights.shape).astype(np.float32)
-
-    def loss(params: Any, *xs: Any) -> Any:
-        o, w = m.apply({**v, "params": params}, *xs, **kwargs)
-        return jnp.sum(o * c1) + jnp.sum(w * c2)
-
-    # one compilation of the whole backward pass is faster than differentiating op by op
-    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(v["params"], q, k, val)
+    loaded = Loaded(frontend, m, t)
+    loss = lambda ow: jnp.sum(ow[0] * c1) + jnp.sum(ow[1] * c2)  # noqa: E731
+    _, input_grads, ours = loaded.value_and_grads(loss, q, k, val, **kwargs)
     ts = [torch.tensor(x, requires_grad=True) for x in (q, k, val)]
     t_kwargs = {key: tt(x) if isinstance(x, np.ndarray) else x for key, x in kwargs.items()}
     t_out, t_w = t(*ts, **t_kwargs)
     ((t_out * torch.tensor(c1)).sum() + (t_w * torch.tensor(c2)).sum()).backward()
     tol = {"rtol": 1e-4, "atol": 1e-5}
-    for g, x in zip(grads[1:], ts):
+    for g, x in zip(input_grads, ts):
         assert_close(g, x.grad, **tol)
-    ours = dict(fr.named_parameters(m, {**v, "params": grads[0]}))
     for name, p in t.named_parameters():
         assert_close(ours[name], p.grad, **tol)
 
 
 @pytest.mark.parametrize("variant", [{}, {"kdim": 5, "vdim": 6, "add_bias_kv": True}])
-def test_gradients_match_autograd(variant: dict[str, Any]) -> None:
+@frontends
+def test_gradients_match_autograd(variant: dict[str, Any], frontend: str) -> None:
     m, v, t = make(batch_first=True, **variant)
     kpm = np.where(KPM, -1e4, 0.0).astype(np.float32)
-    _grad_check(m, v, t, *inputs(m), key_padding_mask=kpm, attn_mask=rand(L, S, seed=6))
+    _grad_check(
+        m, v, t, *inputs(m), frontend=frontend, key_padding_mask=kpm, attn_mask=rand(L, S, seed=6)
+    )
 
 
 def test_default_init_is_torch_distribution() -> None:

@@ -20,8 +20,10 @@ import torch
 import flax_registry as fr
 from flax_registry import nn as frnn
 from flax_registry._linen.tree import build as build_tree
+from tests.frontends import Loaded, frontends
 from tests.parity import (
     assert_close,
+    assert_state_dict_keys_match,
     assert_state_dict_matches,
     input_and_param_grads,
     to_numpy,
@@ -52,40 +54,35 @@ def check_parity(
     theirs: torch.nn.Module,
     *inputs: np.ndarray,
     train: bool = False,
+    frontend: str = "linen",
     **call_kwargs: Any,
 ) -> dict[str, Any]:
     """Same state_dict; same outputs and same gradients of sum(output * cotangent) w.r.t.
-    inputs and parameters as torch autograd.
+    inputs and parameters as torch autograd, on `frontend` (linen, or the layer lifted into
+    NNX).
 
-    This is `tests.parity.input_and_param_grads` with the forward pass and the gradients in
-    one `jax.jit` compilation: half the CPU time of op-by-op dispatch, and it checks that
-    every layer traces and differentiates under jit (a concrete-only code path would fail).
+    The forward pass and the gradients are one jit compilation: half the CPU time of
+    op-by-op dispatch, and it checks that every layer traces and differentiates under jit
+    (a concrete-only code path would fail).
     """
-    variables = load(ours, theirs)
-    assert_state_dict_matches(ours, variables, theirs)
+    loaded = Loaded(frontend, ours, theirs)
+    assert_state_dict_keys_match(loaded.state_dict(), theirs)
     theirs.train(train)
     t_inputs = [torch.tensor(x, requires_grad=True) for x in inputs]
     expected = theirs(*t_inputs, **call_kwargs)
     cot = np.random.default_rng(0).standard_normal(tuple(expected.shape)).astype(np.float32)
     (expected * torch.tensor(cot)).sum().backward()
-    mode = {"train": True} if train else {}
-
-    def loss(params: Any, *xs: Any) -> Any:
-        y = ours.apply({**variables, "params": params}, *xs, **mode, **call_kwargs)
-        return jnp.sum(y * cot), y
-
-    argnums = tuple(range(len(inputs) + 1))
-    value_and_grads = jax.jit(jax.value_and_grad(loss, argnums=argnums, has_aux=True))
-    (_, out), grads = value_and_grads(variables["params"], *inputs)
+    out, input_grads, ours_grads = loaded.value_and_grads(
+        lambda y: jnp.sum(y * cot), *inputs, train=train, **call_kwargs
+    )
     assert out.shape == tuple(expected.shape)
     assert out.dtype == jnp.float32
     assert_close(out, expected)
-    for x, grad in zip(t_inputs, grads[1:]):
+    for x, grad in zip(t_inputs, input_grads):
         assert_close(grad, x.grad, rtol=1e-4, atol=1e-5)
-    ours_grads = dict(fr.named_parameters(ours, {**variables, "params": grads[0]}))
     for name, param in theirs.named_parameters():
         assert_close(ours_grads[name], param.grad, rtol=1e-4, atol=1e-5)
-    return variables
+    return loaded.variables
 
 
 def message_pattern(message: str) -> str:
@@ -116,9 +113,12 @@ LINEAR: list[Config] = [
 
 
 @pytest.mark.parametrize(("name", "kwargs", "shape"), LINEAR)
-def test_linear_and_reshapes_match_torch(name: str, kwargs: dict[str, Any], shape: tuple) -> None:
+@frontends
+def test_linear_and_reshapes_match_torch(
+    name: str, kwargs: dict[str, Any], shape: tuple, frontend: str
+) -> None:
     ours, theirs = build(name, kwargs)
-    check_parity(ours, theirs, randn(*shape))
+    check_parity(ours, theirs, randn(*shape), frontend=frontend)
 
 
 def test_linear_bias_argument_and_tensor_share_a_name() -> None:
@@ -311,9 +311,10 @@ CONV: list[Config] = [
 
 @pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 @pytest.mark.parametrize(("name", "kwargs", "shape"), CONV)
-def test_conv_matches_torch(name: str, kwargs: dict[str, Any], shape: tuple) -> None:
+@frontends
+def test_conv_matches_torch(name: str, kwargs: dict[str, Any], shape: tuple, frontend: str) -> None:
     ours, theirs = build(name, kwargs)
-    check_parity(ours, theirs, randn(*shape))
+    check_parity(ours, theirs, randn(*shape), frontend=frontend)
 
 
 CONV_TRANSPOSE: list[Config] = [
@@ -391,17 +392,21 @@ CONV_TRANSPOSE: list[Config] = [
 
 
 @pytest.mark.parametrize(("name", "kwargs", "shape"), CONV_TRANSPOSE)
-def test_conv_transpose_matches_torch(name: str, kwargs: dict[str, Any], shape: tuple) -> None:
+@frontends
+def test_conv_transpose_matches_torch(
+    name: str, kwargs: dict[str, Any], shape: tuple, frontend: str
+) -> None:
     ours, theirs = build(name, kwargs)
-    check_parity(ours, theirs, randn(*shape))
+    check_parity(ours, theirs, randn(*shape), frontend=frontend)
 
 
 @pytest.mark.parametrize("output_size", [(9, 9), (9, 10), [1, 3, 10, 10]])
-def test_conv_transpose_output_size(output_size: Any) -> None:
+@frontends
+def test_conv_transpose_output_size(output_size: Any, frontend: str) -> None:
     ours, theirs = build(
         "ConvTranspose2d", {"in_channels": 2, "out_channels": 3, "kernel_size": 3, "stride": 2}
     )
-    check_parity(ours, theirs, randn(1, 2, 4, 4), output_size=output_size)
+    check_parity(ours, theirs, randn(1, 2, 4, 4), output_size=output_size, frontend=frontend)
 
 
 def test_conv_transpose_output_size_out_of_range_uses_torch_message() -> None:
@@ -583,16 +588,20 @@ POOL: list[Config] = [
 
 
 @pytest.mark.parametrize(("name", "kwargs", "shape"), POOL)
-def test_pooling_matches_torch(name: str, kwargs: dict[str, Any], shape: tuple) -> None:
+@frontends
+def test_pooling_matches_torch(
+    name: str, kwargs: dict[str, Any], shape: tuple, frontend: str
+) -> None:
     ours, theirs = build(name, kwargs)
-    check_parity(ours, theirs, randn(*shape))
+    check_parity(ours, theirs, randn(*shape), frontend=frontend)
 
 
-def test_max_pool_gradient_goes_to_the_first_maximum_as_torch() -> None:
+@frontends
+def test_max_pool_gradient_goes_to_the_first_maximum_as_torch(frontend: str) -> None:
     x = np.zeros((1, 1, 4, 5), np.float32)  # every window is a tie
     for kwargs in ({"kernel_size": 2, "stride": 1}, {"kernel_size": 2, "stride": 1, "dilation": 2}):
         ours, theirs = build("MaxPool2d", kwargs)
-        check_parity(ours, theirs, x)
+        check_parity(ours, theirs, x, frontend=frontend)
 
 
 @pytest.mark.parametrize(
@@ -651,9 +660,10 @@ ACTIVATIONS: list[tuple[str, dict[str, Any]]] = [
 
 
 @pytest.mark.parametrize(("name", "kwargs"), ACTIVATIONS)
-def test_activation_matches_torch(name: str, kwargs: dict[str, Any]) -> None:
+@frontends
+def test_activation_matches_torch(name: str, kwargs: dict[str, Any], frontend: str) -> None:
     ours, theirs = build(name, kwargs)
-    check_parity(ours, theirs, randn(2, 3, 4, scale=4.0))
+    check_parity(ours, theirs, randn(2, 3, 4, scale=4.0), frontend=frontend)
 
 
 def test_activations_are_modules_in_named_modules() -> None:
@@ -764,13 +774,14 @@ def test_embedding_from_pretrained() -> None:
 # --- Dropout ----------------------------------------------------------------------------------
 
 
-def test_dropout_eval_is_identity_and_p0_train_is_identity() -> None:
+@frontends
+def test_dropout_eval_is_identity_and_p0_train_is_identity(frontend: str) -> None:
     x = randn(4, 5)
     for p in (0.0, 0.5):
         ours, theirs = build("Dropout", {"p": p})
         check_parity(ours, theirs, x)  # eval mode
     ours, theirs = build("Dropout", {"p": 0.0})
-    check_parity(ours, theirs, x, train=True)
+    check_parity(ours, theirs, x, train=True, frontend=frontend)
     input_and_param_grads(ours, load(ours, theirs), theirs, [x], train=True)  # eager
 
 

@@ -24,10 +24,12 @@ import pytest
 import torch
 
 import flax_registry as fr
+from tests.frontends import Loaded, frontends
 from tests.nn import fr_models, torch_models
 from tests.parity import (
     assert_buffers_match,
     assert_close,
+    assert_named_buffers_match,
     assert_state_dict_matches,
     to_numpy,
 )
@@ -133,11 +135,17 @@ def test_state_dict_loads_strictly_and_lists_torch_keys(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_eval_outputs_match_torch(name: str) -> None:
-    theirs, _, variables, x = loaded(name)
+@frontends
+def test_eval_outputs_match_torch(name: str, frontend: str) -> None:
+    theirs, ours, variables, x = loaded(name)
     with torch.no_grad():
         expected = theirs(torch.as_tensor(x))
-    actual = eval_forward(name)(variables, x)
+    if frontend == "linen":
+        actual = eval_forward(name)(variables, x)
+    else:  # the whole model as one NNX module, loaded in place, in eval mode
+        model = Loaded(frontend, ours, theirs)
+        assert list(model.state_dict()) == list(theirs.state_dict())
+        actual = model(x)
     assert actual.shape == tuple(expected.shape)
     assert_close(actual, expected)
 
@@ -184,12 +192,21 @@ def torch_backward(theirs: torch.nn.Module, x: np.ndarray, seed: int = 2) -> tup
     return out, cot
 
 
-def test_resnet_train_forward_matches_torch_outputs_buffers_and_grads() -> None:
+@frontends
+def test_resnet_train_forward_matches_torch_outputs_buffers_and_grads(frontend: str) -> None:
     source, ours, variables, x = loaded("resnet18")
     theirs = torch_models.ResNet(widths=RESNET_WIDTHS, num_classes=10)  # a copy to train
     theirs.load_state_dict(source.state_dict())
     theirs.train()
     expected, cot = torch_backward(theirs, x)
+    if frontend == "nnx":  # nnx.value_and_grad, buffers updated in place
+        model = Loaded(frontend, ours, source)
+        out, _, nnx_grads = model.value_and_grads(lambda y: jnp.sum(y * cot), x, train=True)
+        assert_close(out, expected.detach())
+        assert_named_buffers_match(model.named_buffers(), theirs)
+        for key, p in theirs.named_parameters():
+            assert_grad_close(nnx_grads[key], p.grad, key)
+        return
 
     def loss(params: Any, rest: dict[str, Any], x: Any) -> Any:
         out, new = fr.apply(ours, {**rest, "params": params}, x, train=True)

@@ -20,11 +20,13 @@ import torch
 
 import flax_registry as fr
 from flax_registry import nn as frnn
+from tests.frontends import Loaded, frontends
 from tests.parity import (
     assert_buffers_match,
     assert_close,
+    assert_named_buffers_match,
+    assert_state_dict_keys_match,
     assert_state_dict_matches,
-    input_and_param_grads,
     load_from_torch,
     to_numpy,
     torch_state,
@@ -178,27 +180,31 @@ def test_layer_norm_rejects_empty_shape_with_torch_wording() -> None:
 
 
 @configs(ALL)
-def test_eval_matches_torch_and_leaves_buffers_alone(config: Config) -> None:
+@frontends
+def test_eval_matches_torch_and_leaves_buffers_alone(config: Config, frontend: str) -> None:
     ours, theirs = make_pair(config)
-    variables = load(ours, theirs)
+    loaded = Loaded(frontend, ours, theirs)
+    before = {k: np.asarray(v) for k, v in loaded.named_buffers().items()}
     x = inputs(config[2])
-    out, new = fr.apply(ours, variables, x)
+    out = loaded(x)
     assert_close(out, torch_call(theirs, x, train=False))
     assert out.shape == x.shape and out.dtype == jnp.float32
-    jax.tree.map(np.testing.assert_array_equal, new, variables)
-    assert_close(ours.apply(variables, x), out)  # immutable inference call
+    for key, value in loaded.named_buffers().items():
+        np.testing.assert_array_equal(np.asarray(value), before[key], err_msg=key)
+    assert_close(ours.apply(loaded.variables, x), out)  # immutable inference call
 
 
 @configs(ALL)
-def test_train_matches_torch_and_updates_buffers_as_torch(config: Config) -> None:
+@frontends
+def test_train_matches_torch_and_updates_buffers_as_torch(config: Config, frontend: str) -> None:
     ours, theirs = make_pair(config)
-    variables = load(ours, theirs)
+    loaded = Loaded(frontend, ours, theirs)
     for step in range(3):
         x = inputs(config[2], seed=step + 1)
-        out, variables = fr.apply(ours, variables, x, train=True)
+        out = loaded(x, train=True)
         assert_close(out, torch_call(theirs, x, train=True))
-        assert_buffers_match(ours, variables, theirs)  # after 1, 2 and 3 passes
-    assert_state_dict_matches(ours, variables, theirs)
+        assert_named_buffers_match(loaded.named_buffers(), theirs)  # after 1, 2 and 3 passes
+    assert_state_dict_keys_match(loaded.state_dict(), theirs)
 
 
 def test_instance_norm_never_counts_batches_and_none_momentum_freezes_stats() -> None:
@@ -266,18 +272,31 @@ def test_bfloat16_input_gives_bfloat16_output_as_torch(
 # --- gradients ----------------------------------------------------------------------------
 
 
+def _check_gradients(loaded: Loaded, theirs: torch.nn.Module, x: np.ndarray, train: bool) -> None:
+    theirs.train(train)
+    t_x = torch.tensor(x, requires_grad=True)
+    expected = theirs(t_x)
+    cot = np.random.default_rng(0).standard_normal(tuple(expected.shape)).astype(np.float32)
+    (expected * torch.tensor(cot)).sum().backward()
+    out, (x_grad,), grads = loaded.value_and_grads(lambda y: jnp.sum(y * cot), x, train=train)
+    assert_close(out, expected.detach())
+    assert_close(x_grad, t_x.grad, rtol=1e-4, atol=1e-5)
+    for name, p in theirs.named_parameters():
+        assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-5)
+
+
 @configs(ALL)
-def test_eval_gradients_match_torch_autograd(config: Config) -> None:
+@frontends
+def test_eval_gradients_match_torch_autograd(config: Config, frontend: str) -> None:
     ours, theirs = make_pair(config)
-    variables = load(ours, theirs)
-    input_and_param_grads(ours, variables, theirs, [inputs(config[2])], train=False)
+    _check_gradients(Loaded(frontend, ours, theirs), theirs, inputs(config[2]), train=False)
 
 
 @configs(STATEFUL)  # LayerNorm and GroupNorm compute the same in both modes
-def test_train_gradients_match_torch_autograd(config: Config) -> None:
+@frontends
+def test_train_gradients_match_torch_autograd(config: Config, frontend: str) -> None:
     ours, theirs = make_pair(config)
-    variables = load(ours, theirs)
-    input_and_param_grads(ours, variables, theirs, [inputs(config[2])], train=True)
+    _check_gradients(Loaded(frontend, ours, theirs), theirs, inputs(config[2]), train=True)
 
 
 # --- mutability ---------------------------------------------------------------------------

@@ -13,7 +13,14 @@ import torch
 
 import flax_registry as fr
 from flax_registry.nn.rnn import GRU, LSTM
-from tests.parity import assert_close, assert_state_dict_matches, key, to_numpy
+from tests.frontends import Loaded, frontends
+from tests.parity import (
+    assert_close,
+    assert_state_dict_keys_match,
+    assert_state_dict_matches,
+    key,
+    to_numpy,
+)
 from tests.parity import load_from_torch as from_torch
 
 PAIRS = {"LSTM": (LSTM, torch.nn.LSTM), "GRU": (GRU, torch.nn.GRU)}
@@ -65,12 +72,16 @@ CONFIGS = [
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("with_hx", [False, True], ids=["no-hx", "hx"])
-def test_forward_matches_torch(kind: str, config: dict[str, Any], with_hx: bool) -> None:
+@frontends
+def test_forward_matches_torch(
+    kind: str, config: dict[str, Any], with_hx: bool, frontend: str
+) -> None:
     m, v, t = make(kind, **config)
-    assert_state_dict_matches(m, v, t)
+    loaded = Loaded(frontend, m, t)
+    assert_state_dict_keys_match(loaded.state_dict(), t)
     x = rand(N, T, IN) if config.get("batch_first") else rand(T, N, IN)
     hx = initial_state(kind, m, N) if with_hx else None
-    ours = flat(m.apply(v, x, hx))
+    ours = flat(loaded(x, hx))
     with torch.no_grad():
         theirs = flat(t(torch.tensor(x), as_torch(hx)))
     assert len(ours) == len(theirs)
@@ -141,18 +152,15 @@ def test_dropout_between_layers(kind: str) -> None:
         m.apply(v, x, train=True)
 
 
-def _check_grads(kind: str, m: Any, v: Any, t: torch.nn.Module, x: np.ndarray, hx: Any) -> None:
+def _check_grads(
+    kind: str, m: Any, v: Any, t: torch.nn.Module, x: np.ndarray, hx: Any, frontend: str
+) -> None:
     """d(sum of every output * a fixed cotangent) w.r.t. input, hx and all parameters."""
     outs = flat(m.apply(v, x, hx))
     rng = np.random.default_rng(3)
     cots = [rng.standard_normal(o.shape).astype(np.float32) for o in outs]
-
-    def loss(params: Any, x: Any, hx: Any) -> Any:
-        res = flat(m.apply({**v, "params": params}, x, hx))
-        return sum(jnp.sum(o * c) for o, c in zip(res, cots))
-
-    # one compilation of the whole backward pass is faster than differentiating op by op
-    g_params, g_x, g_hx = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(v["params"], x, hx)
+    loss = lambda res: sum(jnp.sum(o * c) for o, c in zip(flat(res), cots))  # noqa: E731
+    _, (g_x, g_hx), ours = Loaded(frontend, m, t).value_and_grads(loss, x, hx)
     tx = torch.tensor(x, requires_grad=True)
     thx = as_torch(hx)
     for s in thx if isinstance(thx, tuple) else (thx,):
@@ -165,7 +173,6 @@ def _check_grads(kind: str, m: Any, v: Any, t: torch.nn.Module, x: np.ndarray, h
         g_hx if isinstance(g_hx, tuple) else (g_hx,), thx if isinstance(thx, tuple) else (thx,)
     ):
         assert_close(ours_h, theirs_h.grad, **tol)
-    ours = dict(fr.named_parameters(m, {**v, "params": g_params}))
     names = [name for name, _ in t.named_parameters()]
     assert list(ours) == names
     for name, p in t.named_parameters():
@@ -173,15 +180,17 @@ def _check_grads(kind: str, m: Any, v: Any, t: torch.nn.Module, x: np.ndarray, h
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])
-def test_gradients_match_autograd(kind: str) -> None:
+@frontends
+def test_gradients_match_autograd(kind: str, frontend: str) -> None:
     m, v, t = make(kind, num_layers=2, bidirectional=True, batch_first=True)
-    _check_grads(kind, m, v, t, rand(N, T, IN), initial_state(kind, m, N))
+    _check_grads(kind, m, v, t, rand(N, T, IN), initial_state(kind, m, N), frontend)
 
 
 @pytest.mark.filterwarnings(TORCH_PROJ_WARNING)
-def test_gradients_lstm_proj() -> None:
+@frontends
+def test_gradients_lstm_proj(frontend: str) -> None:
     m, v, t = make("LSTM", proj_size=2)
-    _check_grads("LSTM", m, v, t, rand(T, N, IN), initial_state("LSTM", m, N))
+    _check_grads("LSTM", m, v, t, rand(T, N, IN), initial_state("LSTM", m, N), frontend)
 
 
 @pytest.mark.parametrize("kind", ["LSTM", "GRU"])

@@ -15,7 +15,8 @@ import flax_registry as fr
 from flax_registry.nn.activation import GELU
 from flax_registry.nn.normalization import LayerNorm
 from flax_registry.nn.transformer import TransformerEncoder, TransformerEncoderLayer
-from tests.parity import assert_close, assert_state_dict_matches, key
+from tests.frontends import Loaded, frontends
+from tests.parity import assert_close, assert_state_dict_keys_match, assert_state_dict_matches, key
 from tests.parity import load_from_torch as from_torch
 
 D, NHEAD, FF, L, N = 8, 2, 16, 3, 2
@@ -85,14 +86,14 @@ def torch_activation(config: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.mark.parametrize("config", CONFIGS)
 @pytest.mark.parametrize("call", CALLS)
-def test_layer_matches_torch(config: dict[str, Any], call: dict[str, Any]) -> None:
+@frontends
+def test_layer_matches_torch(config: dict[str, Any], call: dict[str, Any], frontend: str) -> None:
     torch.manual_seed(0)
     t = perturbed(torch.nn.TransformerEncoderLayer(D, NHEAD, FF, **torch_activation(config)))
     t.eval()
     m = TransformerEncoderLayer(D, NHEAD, FF, **config)
-    v = from_torch(m, t)
     x = src(config.get("batch_first", False))
-    out = m.apply(v, x, **call)
+    out = Loaded(frontend, m, t)(x, **call)
     with torch.no_grad():
         expected = t(tt(x), **{k: tt(a) for k, a in call.items()})
     assert_close(out, expected)
@@ -180,13 +181,16 @@ def make_encoder(norm: bool) -> tuple[Any, Any, torch.nn.Module]:
 
 
 @pytest.mark.parametrize("norm", [False, True], ids=["no-norm", "norm"])
-def test_encoder_matches_torch(norm: bool) -> None:
+@frontends
+def test_encoder_matches_torch(norm: bool, frontend: str) -> None:
     m, v, t = make_encoder(norm)
     assert_state_dict_matches(m, v, t)
     assert [n for n, _ in fr.named_modules(m, v)] == [n for n, _ in t.named_modules()]
+    loaded = Loaded(frontend, m, t)
+    assert_state_dict_keys_match(loaded.state_dict(), t)
     x = src(False)
     for call in ({}, {"src_key_padding_mask": KPM}, {"mask": CAUSAL, "is_causal": True}):
-        out = m.apply(v, x, **call)
+        out = loaded(x, **call)
         # grad enabled: torch's nested-tensor fast path (zeros at padded positions) is off
         expected = t(tt(x), **{k: tt(a) for k, a in call.items()})
         assert_close(out, expected.detach())

@@ -36,6 +36,29 @@ class Net(fr.Module):
         return self.fc(x.mean(axis=(2, 3)))
 
 
+class NNXNet(fr.nnx.Module):
+    """`Net` on the NNX front-end: the same layers (`flax_registry.nnx.nn`), registered in
+    `__init__`, train/eval from `model.train()` / `model.eval()`."""
+
+    def __init__(self, rngs: Any = None, channels: int = 4, classes: int = 3) -> None:
+        from flax import nnx
+
+        from flax_registry.nnx import nn as nnx_nn
+
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        c = channels
+        self.conv1 = nnx_nn.Conv2d(3, c, 3, padding=1, bias=False, rngs=rngs)
+        self.bn1 = nnx_nn.BatchNorm2d(c, rngs=rngs)
+        self.conv2 = nnx_nn.Conv2d(c, c, 3, stride=2, padding=1, rngs=rngs)
+        self.bn2 = nnx_nn.BatchNorm2d(c, rngs=rngs)
+        self.fc = nnx_nn.Linear(c, classes, rngs=rngs)
+
+    def __call__(self, x: Any) -> Any:
+        x = jax.nn.relu(self.bn1(self.conv1(x)))
+        x = self.bn2(jax.nn.relu(self.conv2(x)))
+        return self.fc(x.mean(axis=(2, 3)))
+
+
 class TorchNet(torch.nn.Module):
     def __init__(self, channels: int = 4, classes: int = 3) -> None:
         super().__init__()

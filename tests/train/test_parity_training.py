@@ -15,8 +15,9 @@ import torch
 import flax_registry as fr
 from flax_registry import train
 
+from ..frontends import frontends
 from ..parity import TOL, assert_buffers_match, assert_close
-from .models import Net, TorchNet, batches, cross_entropy, torch_variables
+from .models import Net, NNXNet, TorchNet, batches, cross_entropy, torch_variables
 
 STEPS = 5
 NO_DECAY = ["*.bias", "bn*.weight"]
@@ -91,25 +92,31 @@ def _run_torch_step(net: torch.nn.Module, opt: torch.optim.Optimizer, batch: Any
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_training_matches_pytorch_step_for_step(case: str) -> None:
+@frontends
+def test_training_matches_pytorch_step_for_step(case: str, frontend: str) -> None:
     spec = CASES[case]
     torch.manual_seed(0)
     net = TorchNet()
-    module = Net()
-    variables = torch_variables(module, net)
     frozen = spec.get("frozen", [])
     for name, p in net.named_parameters():
         if any(__import__("fnmatch").fnmatchcase(name, pat) for pat in frozen):
             p.requires_grad_(False)  # the PyTorch counterpart of frozen=
     has_groups = "groups" in spec
     opt = spec["torch"](_torch_groups(net, 0.0 if has_groups else None))
+    if frontend == "linen":
+        module: Any = Net()
+        model_and_variables: tuple[Any, ...] = (module, torch_variables(module, net))
+    else:  # an NNX model holds its variables: loaded in place, as in PyTorch
+        model = NNXNet()
+        assert not model.load_state_dict(net.state_dict()).missing_keys
+        model_and_variables = (model,)
     state = train.create_train_state(
-        module,
-        variables,
+        *model_and_variables,
         spec["ours"](),
         frozen=frozen,
         param_groups=spec["groups"]() if has_groups else (),
     )
+    module = state.module  # the linen module, or the NNX model's definition
     initial = dict(fr.named_parameters(module, state.variables))
     for i, batch in enumerate(batches(STEPS)):
         torch_loss = _run_torch_step(net, opt, batch)
