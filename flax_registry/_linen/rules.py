@@ -6,20 +6,16 @@ from __future__ import annotations
 import flax.linen as nn
 import numpy as np
 
-from ..convert._layout import LINEAR
-from ..convert._rules import (
-    BATCH_STATS,
-    BUILTIN_RULES,
+from ..convert._layer_layouts import (
     NUM_BATCHES_REASON,
-    Map,
     MultiHeadAttentionRule,
-    Rule,
-    TorchOnly,
     conv_layout,
     conv_transpose_layout,
     dense_general_bias_layout,
     dense_general_layout,
 )
+from ..convert._layout import LINEAR
+from ..convert._rules import BATCH_STATS, BUILTIN_RULES, Map, Rule, TorchOnly
 
 
 def _norm_rule() -> Rule:

@@ -7,18 +7,18 @@ variables of a `flax_registry` module or of plain Flax code built from standard 
 """
 
 from .._inputs import Inputs as Inputs
+from ._layer_layouts import MultiHeadAttentionRule as MultiHeadAttentionRule
+from ._layer_layouts import conv_layout as conv_layout
+from ._layer_layouts import conv_transpose_layout as conv_transpose_layout
+from ._layer_layouts import dense_general_layout as dense_general_layout
 from ._layout import IDENTITY as IDENTITY
 from ._layout import LINEAR as LINEAR
 from ._layout import Layout as Layout
 from ._report import LoadReport as LoadReport
 from ._rules import Fused as Fused
 from ._rules import Map as Map
-from ._rules import MultiHeadAttentionRule as MultiHeadAttentionRule
 from ._rules import Rule as Rule
 from ._rules import TorchOnly as TorchOnly
-from ._rules import conv_layout as conv_layout
-from ._rules import conv_transpose_layout as conv_transpose_layout
-from ._rules import dense_general_layout as dense_general_layout
 from ._rules import find_rule as find_rule
 from ._rules import register_rule as register_rule
 from ._rules import unregister_rule as unregister_rule
