@@ -33,7 +33,7 @@ from .._inputs import as_inputs
 from ._entries import Entry as Entry
 from ._entries import Part as Part
 from ._entries import Plan as Plan
-from ._rules import Rule
+from ._rules import Rules
 from ._walk import Walker
 
 IGNORED_COLLECTIONS = ("intermediates", "cache", "losses")
@@ -49,7 +49,7 @@ def make_plan(
     module: Any,
     variables: Any = None,
     example_inputs: Any = None,
-    rules: Mapping[type, Rule] | None = None,
+    rules: Rules | None = None,
     tied: Mapping[str, str] | None = None,
 ) -> Plan:
     """The conversion plan of `module` (unbound), from abstract shapes or `variables`."""
@@ -99,4 +99,51 @@ def make_plan(
             f"{cls}: no torch key maps to flax variable(s) {uncovered}; their layers were "
             "not reached by the module walk. Report this with the model definition."
         )
+    _check_slices(plan)
     return plan
+
+
+_OVERLAP = (
+    "{cls}: torch keys '{a}' ({rule_a}) and '{b}' ({rule_b}) both fill flax variable "
+    "'{where}' {shape} at the same place (indices {fa} and {fb} of its axes). Each part of "
+    "a stacked variable must come from one key: check the rules' axes and names."
+)
+
+
+def _check_slices(plan: Plan) -> None:
+    """Keys that fill slices of one variable never fill the same place twice."""
+    slices: dict[tuple[str, tuple[str, ...]], list[tuple[str, Part]]] = {}
+    for key, e in plan.entries.items():
+        for p in e.parts:
+            slices.setdefault((p.collection, p.path), []).append((key, p))
+    for members in slices.values():
+        if len(members) < 2 or not any(p.select for _, p in members):
+            continue
+        seen: dict[tuple[tuple[int, int], ...], tuple[str, Part]] = {}
+        for key, p in members:
+            fixed = p.fixed()
+            overlap = next(
+                (
+                    (k, q)
+                    for k, q in seen.values()
+                    if all(q.fixed().get(a, i) == i for a, i in fixed.items())
+                    and all(fixed.get(a, i) == i for a, i in q.fixed().items())
+                ),
+                None,
+            )
+            if overlap is not None:
+                k, q = overlap
+                raise ValueError(
+                    _OVERLAP.format(
+                        cls=plan.cls,
+                        a=k,
+                        b=key,
+                        rule_a=plan.entries[k].rule,
+                        rule_b=plan.entries[key].rule,
+                        where=p.where,
+                        shape=p.variable_shape,
+                        fa=q.fixed(),
+                        fb=fixed,
+                    )
+                )
+            seen[tuple(sorted(fixed.items()))] = (key, p)

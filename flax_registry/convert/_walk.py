@@ -11,9 +11,21 @@ from typing import Any
 
 from .._frontend import Frontend
 from .._node import Member, Node, all_slots
-from ._entries import Part, Plan
+from ._entries import Part, Plan, StackGroup
 from ._layout import IDENTITY
-from ._rules import Rule, find_rule
+from ._rules import (
+    AnyRule,
+    Child,
+    Rule,
+    RuleError,
+    Rules,
+    Scanned,
+    Stacked,
+    describe,
+    find_rule,
+    rule_at,
+)
+from ._scan import walk_scanned
 
 _NO_TYPE = (
     "cannot convert flax scope '{path}' (variables {vars}): it was created inside a compact "
@@ -56,25 +68,85 @@ def _ambiguous(shape: tuple[int, ...]) -> bool:
     return len(set(long)) < len(long)
 
 
+_NO_CHILD = (
+    "{rule} in the rule for {type} at flax scope '{path}' names flax child '{flax}', which the "
+    "layer does not have; its children are {children}."
+)
+_CONSUMED_CHILD = (
+    "{rule} in the rule for {type} at flax scope '{path}' renames child '{flax}', but the "
+    "rule's own entries already map variables of that child ({vars}): map the child either "
+    "by the rule's entries or by Child, not both."
+)
+_WRONG_LAYOUT = (
+    "the rule for {type} at flax scope '{path}' (torch '{torch}'): {rule} gives torch key "
+    "'{key}' from flax variable '{where}' of shape {shape}{sliced}, but {problem}. Fix the "
+    "layout (its axis count must be the variable's).{scan_hint}"
+)
+_SCAN_HINT = (
+    "If the layer is inside nn.scan / nnx.scan (its variables carry a leading layer axis), "
+    "declare the scanned module: rules={'<its torch name>': Scanned()}."
+)
+
+_LOOKUP = object()  # visit: find the rule by path, then by type
+
+
+def _torch_order(tensors: list[Any]) -> list[Any]:
+    """A rule's tensors in PyTorch's `state_dict` order: each torch module's own tensors (in
+    the rule's order), then its submodules' (in the order they first appear). A `Stacked`
+    weight and bias over q/k/v become q.weight, q.bias, k.weight, ... as torch lists them."""
+    root: dict[str, Any] = {"own": [], "sub": {}}
+    for t in tensors:
+        node = root
+        for name in t.torch.split(".")[:-1]:
+            node = node["sub"].setdefault(name, {"own": [], "sub": {}})
+        node["own"].append(t)
+    out: list[Any] = []
+
+    def emit(node: dict[str, Any]) -> None:
+        out.extend(node["own"])
+        for sub in node["sub"].values():
+            emit(sub)
+
+    emit(root)
+    return out
+
+
 class Walker:
-    def __init__(self, plan: Plan, frontend: Frontend, rules: Mapping[type, Rule] | None) -> None:
+    """Adds the torch keys of a module tree to a plan, module by module."""
+
+    def __init__(self, plan: Plan, frontend: Frontend, rules: Rules | None) -> None:
         self.plan = plan
         self.frontend = frontend
         self.rules = rules
         self.active: list[tuple[str, ...]] = []
 
-    def visit(self, node: Node, prefix: str) -> None:
+    def fork(self, plan: Plan) -> Walker:
+        """A walker with the same rules into another plan (a scanned module's one layer)."""
+        return Walker(plan, self.frontend, self.rules)
+
+    def rule_for(self, node: Node, prefix: str) -> AnyRule | None:
+        found = rule_at(self.rules, prefix[:-1])
+        if found is None and node.layer is not None:
+            found = find_rule(type(node.layer), self.rules)
+        return found
+
+    def visit(self, node: Node, prefix: str, rule: Any = _LOOKUP) -> None:
+        """Add the keys of `node` (torch name `prefix`, with its trailing dot) and its children:
+        by `rule` when given (None: by name), else by the rule of its path or type."""
         if node.path in self.active:  # a module that holds one of its ancestors
             return
         self.active.append(node.path)
         try:
-            self._visit(node, prefix)
+            chosen = self.rule_for(node, prefix) if rule is _LOOKUP else rule
+            if isinstance(chosen, Scanned):
+                walk_scanned(self, node, prefix, chosen)
+            else:
+                self._visit(node, prefix, chosen)
         finally:
             self.active.pop()
 
-    def _visit(self, node: Node, prefix: str) -> None:
+    def _visit(self, node: Node, prefix: str, rule: Rule | None) -> None:
         layer = node.layer
-        rule = find_rule(type(layer), self.rules) if layer is not None else None
         if rule is not None:
             self.apply_rule(node, prefix, layer, rule)
         elif node.registry:
@@ -131,35 +203,147 @@ class Walker:
         variables: dict[tuple[str, tuple[str, ...]], Any] = {}
         for _, slot, value in all_slots(node):
             variables[(slot.collection, slot.path[base:])] = value
-        tensors, extras = rule.expand(layer, variables)
-        used: set[tuple[str, tuple[str, ...]]] = set()
         name = type(layer).__name__
+        where = "/".join(node.path) or "<root>"
+        try:
+            tensors, extras = rule.expand(layer, variables)
+        except RuleError as error:
+            raise ValueError(
+                f"the rule for {name} at flax scope '{where}' (torch '{prefix[:-1]}'): {error} "
+                + _SCAN_HINT
+            ) from None
+        used: set[tuple[str, tuple[str, ...]]] = set()
         for t in tensors:
-            parts = []
             for p in t.parts:
                 used.add((p.collection, p.path))
+        touched = {path[0] for _, path in used if len(path) > 1}
+        renamed = self._renamed(node, rule, name, where, touched, used)
+        visited = [
+            (renamed[c.path[-1]].torch if c.path[-1] in renamed else torch_name)
+            for torch_name, c in node.torch_children or ()
+            if not (c.path[:-1] == node.path and c.path[-1] in touched)
+        ]
+        deferred: dict[str, list[Any]] = {}
+        for t in _torch_order(tensors):
+            parts = []
+            for p in t.parts:
                 leaf = variables[(p.collection, p.path)]
-                parts.append(Part(p.collection, (*node.path, *p.path), p.layout, leaf))
-            self.plan.add(prefix + t.torch, tuple(parts), t.axis, name)
+                part = Part(p.collection, (*node.path, *p.path), p.layout, leaf, p.select)
+                self._check_layout(part, t, node, prefix, name)
+                parts.append(part)
+            owner = max((c for c in visited if t.torch.startswith(c + ".")), key=len, default=None)
+            add = (prefix + t.torch, tuple(parts), t.axis, name, describe(t.origin))
+            if owner is None:
+                self.plan.add(*add[:4], rule=add[4])
+            else:  # a variable moved up from a child: after the child's own keys, as in torch
+                deferred.setdefault(owner, []).append(add)
+        self._stack_groups(tensors, prefix)
         for e in extras:
             if prefix + e.torch not in self.plan.extras:
                 self.plan.extras[prefix + e.torch] = (e.value, e.reason)
                 self.plan.order.append(prefix + e.torch)
-        touched = {path[0] for _, path in used if len(path) > 1}
         leftover = [
             "/".join((c, *p))
             for c, p in variables
             if (c, p) not in used and (len(p) == 1 or p[0] in touched)
         ]
         if leftover:
-            where = "/".join(node.path) or "<root>"
             raise ValueError(_LEFTOVER.format(type=name, path=where, vars=leftover))
-        self.children(node, prefix, touched)
+        self.children(node, prefix, touched, renamed, deferred)
 
-    def children(self, node: Node, prefix: str, consumed: set[str]) -> None:
-        """Visit the torch-view children, except the child scopes a rule consumed."""
+    def _renamed(
+        self,
+        node: Node,
+        rule: Rule,
+        name: str,
+        where: str,
+        touched: set[str],
+        used: set[tuple[str, tuple[str, ...]]],
+    ) -> dict[str, Child]:
+        """The rule's `Child` entries by flax child name, checked against the children."""
+        own = {c.path[-1] for _, c in node.torch_children or () if c.path[:-1] == node.path}
+        renamed: dict[str, Child] = {}
+        for child in rule.children:
+            if child.flax not in own:
+                raise ValueError(
+                    _NO_CHILD.format(
+                        rule=describe(child),
+                        type=name,
+                        path=where,
+                        flax=child.flax,
+                        children=sorted(own),
+                    )
+                )
+            if child.flax in touched:
+                mapped = ["/".join((c, *p)) for c, p in used if p[0] == child.flax]
+                raise ValueError(
+                    _CONSUMED_CHILD.format(
+                        rule=describe(child), type=name, path=where, flax=child.flax, vars=mapped
+                    )
+                )
+            renamed[child.flax] = child
+        return renamed
+
+    def _check_layout(self, part: Part, t: Any, node: Node, prefix: str, name: str) -> None:
+        """The layout fits the variable (its axis count), checked now, before any read."""
+        try:
+            part.torch_shape  # noqa: B018 - computes the torch shape, raising on a misfit
+        except ValueError as error:
+            sliced = f" (its slice {part.shape})" if part.select else ""
+            scan_hint = " " + _SCAN_HINT if len(part.variable_shape) > 1 else ""
+            raise ValueError(
+                _WRONG_LAYOUT.format(
+                    type=name,
+                    path="/".join(node.path) or "<root>",
+                    torch=prefix[:-1],
+                    rule=describe(t.origin),
+                    key=prefix + t.torch,
+                    where=part.where,
+                    shape=part.variable_shape,
+                    sliced=sliced,
+                    problem=error,
+                    scan_hint=scan_hint,
+                )
+            ) from None
+
+    def _stack_groups(self, tensors: list[Any], prefix: str) -> None:
+        groups: dict[int, list[Any]] = {}
+        for t in tensors:
+            if isinstance(t.origin, Stacked):
+                groups.setdefault(id(t.origin), []).append(t)
+        for members in groups.values():
+            part = members[0].parts[0]
+            variable = "/".join((part.collection, *part.path))
+            keys = tuple(prefix + t.torch for t in members)
+            self.plan.stacks.append(
+                StackGroup(describe(members[0].origin), prefix[:-1], variable, keys)
+            )
+
+    def children(
+        self,
+        node: Node,
+        prefix: str,
+        consumed: set[str],
+        renamed: Mapping[str, Child] | None = None,
+        deferred: Mapping[str, list[Any]] | None = None,
+    ) -> None:
+        """Visit the torch-view children, except the child scopes a rule consumed; a child a
+        `Child` entry names under its torch name (and its rule); then the keys a rule moved
+        into that child."""
         for torch_name, child in node.torch_children or ():
             own_scope = child.path[:-1] == node.path
             if own_scope and child.path[-1] in consumed:
                 continue
-            self.visit(child, prefix + torch_name + ".")
+            entry = (renamed or {}).get(child.path[-1]) if own_scope else None
+            if entry is None:
+                self.visit(child, prefix + torch_name + ".")
+            else:
+                torch_name = entry.torch
+                self.visit(
+                    child, prefix + torch_name + ".", _LOOKUP if entry.rule is None else entry.rule
+                )
+            for key, parts, axis, layer, rule in (deferred or {}).get(torch_name, ()):
+                self.plan.add(key, parts, axis, layer, rule=rule)
+        for pending in (deferred or {}).values():  # a child not reached: keep the keys
+            for key, parts, axis, layer, rule in pending:
+                self.plan.add(key, parts, axis, layer, rule=rule)
