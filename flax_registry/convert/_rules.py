@@ -113,6 +113,24 @@ class Stacked:
     tensor, as a `Map`'s layout maps a whole variable (a function of the layer gets the slice
     shape). `torch` may be one template with `{i}` (`"experts.{i}.weight"`): one key per index
     of `axis`. Skipped when the layer has no variable `flax`.
+
+    Example:
+        >>> import numpy as np, flax.linen as nn
+        >>> import flax_registry as fr
+        >>> from flax_registry.convert import LINEAR, Rule, Stacked
+        >>> class GateUp(nn.Module):   # gate and up projections as one (2, in, out) kernel
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         w = self.param("w", nn.initializers.ones, (2, x.shape[-1], 4))
+        ...         return (x @ w[0]) * (x @ w[1])
+        >>> rules = {GateUp: Rule(Stacked(("gate_proj.weight", "up_proj.weight"), "w", layout=LINEAR))}
+        >>> sd = {"gate_proj.weight": np.ones((4, 3), np.float32),
+        ...       "up_proj.weight": np.zeros((4, 3), np.float32)}
+        >>> variables, _ = fr.from_torch(GateUp(), sd, example_inputs=(np.ones((1, 3)),), rules=rules)
+        >>> variables["params"]["w"].shape
+        (2, 3, 4)
+        >>> {k: v.shape for k, v in fr.to_torch(GateUp(), variables, rules=rules).items()}
+        {'gate_proj.weight': (4, 3), 'up_proj.weight': (4, 3)}
     """
 
     torch: tuple[str, ...] | str
@@ -134,6 +152,29 @@ class Scanned:
 
     Differs from PyTorch: torch keeps L tensors per variable; here each is one slice of one
     array, read (and, when sharded, placed per device) a layer at a time.
+
+    Example:
+        >>> import numpy as np, flax.linen as nn
+        >>> import flax_registry as fr
+        >>> from flax_registry.convert import Scanned
+        >>> class Block(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x, _):
+        ...         return nn.Dense(3, name="fc")(x), None
+        >>> class Stack(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x):
+        ...         scan = nn.scan(Block, variable_axes={"params": 0},
+        ...                        split_rngs={"params": True}, length=2)
+        ...         return scan(name="layers")(x, None)[0]
+        >>> sd = {f"layers.{i}.fc.{name}": np.zeros(shape, np.float32)
+        ...       for i in range(2) for name, shape in (("weight", (3, 3)), ("bias", (3,)))}
+        >>> variables, report = fr.from_torch(
+        ...     Stack(), sd, example_inputs=(np.ones((1, 3)),), rules={"layers": Scanned()})
+        >>> variables["params"]["layers"]["fc"]["kernel"].shape   # (L, in, out)
+        (2, 3, 3)
+        >>> report.ok
+        True
     """
 
     torch: str = "{i}"

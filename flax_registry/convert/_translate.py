@@ -112,7 +112,12 @@ def from_torch(
     `strict=False` leaves unloaded keep their values there.
 
     Keys: `flax_registry.Module`s use their registered names; flax layers map by the rule of
-    their type (see `flax_registry.convert.register_rule`), lists give `layers.0`. `renames`
+    their module path or type (`rules={"decoder.layers": Scanned(), MyLayer: Rule(...)}`, see
+    `flax_registry.convert.register_rule`), lists give `layers.0`. Layouts unlike PyTorch's
+    are rules too: `Stacked` (several keys as one variable on a new axis), `Scanned` (an
+    `nn.scan` module's `(L, ...)` variables as `layers.{i}`), `Child` (a renamed submodule),
+    `einsum_layout` (a kernel shaped for its einsum). A variable several keys fill loads whole
+    (each key read on its own, one layer at a time) or not at all. `renames`
     rewrites checkpoint keys first: `{regex: replacement}` applied in order (e.g.
     `{r"^module\\.": ""}`), or a callable returning the new key or None to drop it. `tied`
     declares extra torch keys that alias a model key (`{"lm_head.weight": "embed.weight"}`
@@ -124,8 +129,10 @@ def from_torch(
     callable `(key, checkpoint dtype, model dtype)`. bf16/fp16 are read as they are stored.
 
     `shardings` / `mesh`: place each variable by its sharding, read per device from the
-    slices it needs (see `_sharding.resolve_sharding`); without them, abstract targets carrying
-    shardings and concrete `variables` keep their placement, others go to the default device.
+    slices it needs (see `_sharding.resolve_sharding`; a stacked or scanned variable is named
+    by its first key, `layers.0.mlp.up_proj.weight`, and a device holding layers 8-11 reads
+    only theirs); without them, abstract targets carrying shardings and concrete `variables`
+    keep their placement, others go to the default device.
 
     `init`: glob patterns over torch keys (`"classifier.*"`) whose variables are freshly
     initialised by the model's own initializers instead of loaded, for fine-tuning with a new
@@ -148,7 +155,7 @@ def from_torch(
         variables: the target's structure (abstract or concrete); default: from the module.
         example_inputs: inputs of `__call__` for compact models (tuple, dict or `Inputs`).
         strict: raise on missing, unexpected or mismatched keys.
-        rules: per-call conversion rules by layer type.
+        rules: per-call conversion rules by layer type or module path.
         renames: checkpoint key rewrites.
         tied: extra torch keys that alias a model key.
         dtype: the dtype policy.
@@ -492,7 +499,7 @@ def to_torch(
         as_torch: return torch tensors instead of NumPy arrays.
         example_inputs: inputs of `__call__` for compact models (not needed again for the
             module object `from_torch` converted into).
-        rules: per-call conversion rules by layer type.
+        rules: per-call conversion rules by layer type or module path.
         tied: extra torch keys that alias a model key.
         report: the `LoadReport` of the conversion to undo exactly.
 
