@@ -7,7 +7,7 @@ names and rules are chosen) and adds each torch key to the `Plan`.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 from .._frontend import Frontend
 from .._node import Member, Node, all_slots
@@ -88,6 +88,16 @@ _SCAN_HINT = (
 )
 
 _LOOKUP = object()  # visit: find the rule by path, then by type
+
+
+class _Key(NamedTuple):
+    """A torch key a rule gives, waiting to be added to the plan."""
+
+    key: str
+    parts: tuple[Part, ...]
+    axis: int
+    layer: str
+    rule: str
 
 
 def _torch_order(tensors: list[Any]) -> list[Any]:
@@ -223,7 +233,7 @@ class Walker:
             for torch_name, c in node.torch_children or ()
             if not (c.path[:-1] == node.path and c.path[-1] in touched)
         ]
-        deferred: dict[str, list[Any]] = {}
+        deferred: dict[str, list[_Key]] = {}
         for t in _torch_order(tensors):
             parts = []
             for p in t.parts:
@@ -232,11 +242,11 @@ class Walker:
                 self._check_layout(part, t, node, prefix, name)
                 parts.append(part)
             owner = max((c for c in visited if t.torch.startswith(c + ".")), key=len, default=None)
-            add = (prefix + t.torch, tuple(parts), t.axis, name, describe(t.origin))
+            key = _Key(prefix + t.torch, tuple(parts), t.axis, name, describe(t.origin))
             if owner is None:
-                self.plan.add(*add[:4], rule=add[4])
+                self.plan.add(key.key, key.parts, key.axis, key.layer, rule=key.rule)
             else:  # a variable moved up from a child: after the child's own keys, as in torch
-                deferred.setdefault(owner, []).append(add)
+                deferred.setdefault(owner, []).append(key)
         self._stack_groups(tensors, prefix)
         for e in extras:
             if prefix + e.torch not in self.plan.extras:
@@ -325,7 +335,7 @@ class Walker:
         prefix: str,
         consumed: set[str],
         renamed: Mapping[str, Child] | None = None,
-        deferred: Mapping[str, list[Any]] | None = None,
+        deferred: Mapping[str, list[_Key]] | None = None,
     ) -> None:
         """Visit the torch-view children, except the child scopes a rule consumed; a child a
         `Child` entry names under its torch name (and its rule); then the keys a rule moved
@@ -342,8 +352,8 @@ class Walker:
                 self.visit(
                     child, prefix + torch_name + ".", _LOOKUP if entry.rule is None else entry.rule
                 )
-            for key, parts, axis, layer, rule in (deferred or {}).get(torch_name, ()):
-                self.plan.add(key, parts, axis, layer, rule=rule)
+            for k in (deferred or {}).get(torch_name, ()):
+                self.plan.add(k.key, k.parts, k.axis, k.layer, rule=k.rule)
         for pending in (deferred or {}).values():  # a child not reached: keep the keys
-            for key, parts, axis, layer, rule in pending:
-                self.plan.add(key, parts, axis, layer, rule=rule)
+            for k in pending:
+                self.plan.add(k.key, k.parts, k.axis, k.layer, rule=k.rule)
