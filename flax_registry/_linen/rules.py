@@ -6,20 +6,17 @@ from __future__ import annotations
 import flax.linen as nn
 import numpy as np
 
-from ..convert._layout import LINEAR
-from ..convert._rules import (
-    BATCH_STATS,
-    BUILTIN_RULES,
+from ..convert._einsum import einsum_bias_layout, einsum_kernel_layout
+from ..convert._layer_layouts import (
     NUM_BATCHES_REASON,
-    Map,
     MultiHeadAttentionRule,
-    Rule,
-    TorchOnly,
     conv_layout,
     conv_transpose_layout,
     dense_general_bias_layout,
     dense_general_layout,
 )
+from ..convert._layout import LINEAR
+from ..convert._rules import BATCH_STATS, BUILTIN_RULES, Map, Rule, TorchOnly
 
 
 def _norm_rule() -> Rule:
@@ -31,6 +28,10 @@ LINEN_RULES: dict[type, Rule] = {
     nn.DenseGeneral: Rule(
         Map("weight", "kernel", layout=dense_general_layout),
         Map("bias", "bias", layout=dense_general_bias_layout),
+    ),
+    nn.Einsum: Rule(
+        Map("weight", "kernel", layout=einsum_kernel_layout),
+        Map("bias", "bias", layout=einsum_bias_layout),
     ),
     nn.Conv: Rule(Map("weight", "kernel", layout=conv_layout), Map("bias", "bias")),
     nn.ConvTranspose: Rule(

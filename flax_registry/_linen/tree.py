@@ -32,6 +32,7 @@ from .record import Records
 _FLAX_ORDER: dict[type, tuple[str, ...]] = {
     nn.Dense: ("kernel", "bias"),
     nn.DenseGeneral: ("kernel", "bias"),
+    nn.Einsum: ("kernel", "bias"),
     nn.Conv: ("kernel", "bias"),
     nn.ConvTranspose: ("kernel", "bias"),
     nn.ConvLocal: ("kernel", "bias"),

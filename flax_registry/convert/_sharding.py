@@ -6,6 +6,12 @@ A flax variable is a layout change of (a part of) a torch tensor: reshape, trans
 torch ranges it comes from, reads only those (`read_slice` on the lazy checkpoint), and lays
 the result out as flax wants it. A host therefore never materialises more than the shards of
 its own devices: with a `NamedSharding` over a mesh, each device's block is read separately.
+
+A variable that several torch keys fill (a `Stacked` rule's slices, a scanned module's layers)
+is a `Task` of several `Piece`s, each the slice of the variable at fixed indices of its
+stacked axes: a block reads only the pieces whose indices it contains (a device holding
+layers 8-11 of a scanned model reads `layers.8` ... `layers.11`, nothing else), and the
+checkpoint's pages are released after each piece, so one layer at a time is in flight.
 """
 
 from __future__ import annotations
@@ -49,8 +55,24 @@ def read_block(
     index: tuple[Any, ...],
     dtype: np.dtype,
 ) -> np.ndarray:
-    """Block `index` of flax variable `part`, read from torch tensor `key` (whose part starts at
-    `offset = (torch axis, start)` when several flax variables share the tensor), in `dtype`."""
+    """Block `index` of flax variable `part` (of its slice `part.shape`, for a selected part),
+    read from torch tensor `key` (whose part starts at `offset = (torch axis, start)` when
+    several flax variables share the tensor), in `dtype`."""
+    shape = tuple(b - a for a, b in _ranges(index, part.shape))
+    out = aligned_empty(shape, dtype)
+    _read_into(out, source, key, part, offset, index)
+    return out
+
+
+def _read_into(
+    out: np.ndarray,
+    source: Source,
+    key: str,
+    part: Part,
+    offset: tuple[int, int] | None,
+    index: tuple[Any, ...],
+) -> None:
+    """`read_block` into `out` (a C-contiguous array or a view of one)."""
     layout, shape = part.layout, part.shape
     flax_rng = _ranges(index, shape)
     for axis in layout.flip:  # a reversed axis reads the mirrored range, then flips it
@@ -83,33 +105,74 @@ def read_block(
         x = np.transpose(x, layout.perm)
     if layout.flip:
         x = np.flip(x, layout.flip)
-    out = aligned_empty(x.shape, dtype)
     copy_tiled(out, x)
-    return out
 
 
 @dataclasses.dataclass(frozen=True)
-class Task:
-    """One flax variable to place: from torch key `key` (its part at `offset`), as `dtype`."""
+class Piece:
+    """One torch tensor's share of a flax variable: torch key `key` (its part at `offset`
+    when several variables share it) gives `part` (the whole variable, or one slice)."""
 
     key: str
     part: Part
     offset: tuple[int, int] | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """One flax variable to place, as `dtype`, from its pieces (together they cover it)."""
+
+    pieces: tuple[Piece, ...]
     dtype: np.dtype
     sharding: Sharding | None
 
+    @property
+    def part(self) -> Part:
+        """The first piece's part (collection, path and target leaf of the variable)."""
+        return self.pieces[0].part
+
+    @property
+    def key(self) -> str:
+        """The torch key the variable is named by: its first piece's."""
+        return self.pieces[0].key
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.part.variable_shape
+
+
+def read_variable_block(source: Source, task: Task, index: tuple[Any, ...]) -> np.ndarray:
+    """Block `index` of the task's whole variable: each piece whose fixed indices lie in the
+    block is read (only its range) into its place; the others are not touched."""
+    rng = _ranges(index, task.shape)
+    out = aligned_empty(tuple(b - a for a, b in rng), task.dtype)
+    stacked = len(task.pieces) > 1
+    for piece in task.pieces:
+        fixed = piece.part.fixed()
+        if any(not rng[axis][0] <= i < rng[axis][1] for axis, i in fixed.items()):
+            continue
+        free = [axis for axis in range(len(rng)) if axis not in fixed]
+        sub = tuple(slice(*rng[axis]) for axis in free)
+        dest = tuple(
+            fixed[axis] - rng[axis][0] if axis in fixed else slice(None) for axis in range(len(rng))
+        )
+        _read_into(out[(*dest, ...)], source, piece.key, piece.part, piece.offset, sub)
+        if stacked and fixed:
+            source.release()  # one layer's pages in flight, not the whole stack's
+    return out
+
 
 def _whole(source: Source, task: Task) -> np.ndarray:
-    full = tuple(slice(0, n) for n in task.part.shape)
-    return read_block(source, task.key, task.part, task.offset, full, task.dtype)
+    full = tuple(slice(0, n) for n in task.shape)
+    return read_variable_block(source, task, full)
 
 
 def _sharded(source: Source, task: Task) -> jax.Array:
     def callback(index: Any) -> np.ndarray:
-        return read_block(source, task.key, task.part, task.offset, tuple(index), task.dtype)
+        return read_variable_block(source, task, tuple(index))
 
     assert task.sharding is not None
-    return jax.make_array_from_callback(task.part.shape, task.sharding, callback)
+    return jax.make_array_from_callback(task.shape, task.sharding, callback)
 
 
 def place_all(
@@ -154,10 +217,12 @@ def resolve_sharding(
     key: str,
     part: Part,
 ) -> Sharding | None:
-    """The sharding of one target variable (torch key `key`): from `shardings` (see
-    `flax_registry._shardings`), else the target leaf's own (a `jax.ShapeDtypeStruct(...,
-    sharding=...)` or a concrete array passed as `variables`), else None (the default device)."""
-    leaf = jax.ShapeDtypeStruct(part.shape, part.leaf.dtype)
+    """The sharding of one target variable (torch key `key`; a variable several keys fill is
+    named by its first, `layers.0.mlp.weight`, which globs such as `layers.*.mlp.*` match):
+    from `shardings` (see `flax_registry._shardings`), else the target leaf's own (a
+    `jax.ShapeDtypeStruct(..., sharding=...)` or a concrete array passed as `variables`), else
+    None (the default device)."""
+    leaf = jax.ShapeDtypeStruct(part.variable_shape, part.leaf.dtype)
     chosen = sharding_for(shardings, key, (part.collection, *part.path), leaf, mesh)
     if chosen is not None or shardings is not None:
         return chosen

@@ -24,11 +24,12 @@ from .. import _nested
 from .._arrays import numpy_to_torch
 from .._frontend import frontend_of
 from .._patterns import as_patterns, matches_any
+from ._checks import explain, incomplete
 from ._dtypes import DtypePolicy, resolve_dtype
 from ._plan import Entry, Plan, make_plan
 from ._report import LoadReport
-from ._rules import Rule
-from ._sharding import ShardingSpec, Task, place_all, resolve_sharding
+from ._rules import Rules
+from ._sharding import Piece, ShardingSpec, Task, place_all, resolve_sharding
 from ._source import Source, open_source
 
 Renames = Mapping[str, str] | Sequence[tuple[str, str]] | Callable[[str], str | None]
@@ -93,7 +94,7 @@ def from_torch(
     variables: Any = None,
     example_inputs: Any = None,
     strict: bool = True,
-    rules: Mapping[type, Rule] | None = None,
+    rules: Rules | None = None,
     renames: Renames | None = None,
     tied: Mapping[str, str] | None = None,
     dtype: DtypePolicy = None,
@@ -118,7 +119,12 @@ def from_torch(
     `strict=False` leaves unloaded keep their values there.
 
     Keys: `flax_registry.Module`s use their registered names; flax layers map by the rule of
-    their type (see `flax_registry.convert.register_rule`), lists give `layers.0`. `renames`
+    their module path or type (`rules={"decoder.layers": Scanned(), MyLayer: Rule(...)}`, see
+    `flax_registry.convert.register_rule`), lists give `layers.0`. Layouts unlike PyTorch's
+    are rules too: `Stacked` (several keys as one variable on a new axis), `Scanned` (an
+    `nn.scan` module's `(L, ...)` variables as `layers.{i}`), `Child` (a renamed submodule),
+    `einsum_layout` (a kernel shaped for its einsum). A variable several keys fill loads whole
+    (each key read on its own, one layer at a time) or not at all. `renames`
     rewrites checkpoint keys first: `{regex: replacement}` applied in order (e.g.
     `{r"^module\\.": ""}`), or a callable returning the new key or None to drop it. `tied`
     declares extra torch keys that alias a model key (`{"lm_head.weight": "embed.weight"}`
@@ -130,8 +136,10 @@ def from_torch(
     callable `(key, checkpoint dtype, model dtype)`. bf16/fp16 are read as they are stored.
 
     `shardings` / `mesh`: place each variable by its sharding, read per device from the
-    slices it needs (see `_sharding.resolve_sharding`); without them, abstract targets carrying
-    shardings and concrete `variables` keep their placement, others go to the default device.
+    slices it needs (see `_sharding.resolve_sharding`; a stacked or scanned variable is named
+    by its first key, `layers.0.mlp.up_proj.weight`, and a device holding layers 8-11 reads
+    only theirs); without them, abstract targets carrying shardings and concrete `variables`
+    keep their placement, others go to the default device.
 
     `init`: glob patterns over torch keys (`"classifier.*"`) whose variables are freshly
     initialised by the model's own initializers instead of loaded, for fine-tuning with a new
@@ -157,7 +165,7 @@ def from_torch(
         variables: the target's structure (abstract or concrete); default: from the module.
         example_inputs: inputs of `__call__` for compact models (tuple, dict or `Inputs`).
         strict: raise on missing, unexpected or mismatched keys.
-        rules: per-call conversion rules by layer type.
+        rules: per-call conversion rules by layer type or module path.
         renames: checkpoint key rewrites.
         tied: extra torch keys that alias a model key.
         dtype: the dtype policy.
@@ -215,6 +223,9 @@ def from_torch(
         if strict and not report.ok:
             raise report.error(list(plan.entries))
         defaulted = set(report.defaulted)
+        why = {k: "size mismatch" for k, _, _ in report.shape_mismatches}
+        why.update({k: "init=" for k in fresh} | {k: "defaulted" for k in defaulted})
+        incomplete(plan, missing | fresh | defaulted, why, report.hints)
         abstract = [
             key
             for key, e in plan.entries.items()
@@ -230,12 +241,8 @@ def from_torch(
         out = (
             _nested.copy_dicts(variables) if variables is not None else {c: {} for c in plan.target}
         )
-        tasks = [
-            task
-            for key, e in plan.entries.items()
-            if key not in missing and key not in fresh and key not in defaulted
-            for task in _tasks(e, chosen[key][0], src, dtype, shardings, mesh, report)
-        ]
+        loading = [k for k in plan.entries if k not in missing | fresh | defaulted]
+        tasks = _tasks(plan, loading, chosen, src, dtype, shardings, mesh, report)
 
         def done(task: Task, array: jax.Array) -> None:
             _nested.set_leaf(out, (task.part.collection, *task.part.path), array)
@@ -244,7 +251,7 @@ def from_torch(
         place_all(src, tasks, done)
     for key in zeros:
         for part in plan.entries[key].parts:
-            value = jnp.zeros(part.shape, part.leaf.dtype)
+            value = jnp.zeros(part.variable_shape, part.leaf.dtype)
             _nested.set_leaf(out, (part.collection, *part.path), value)
     if fresh:
         _initialise(
@@ -272,7 +279,13 @@ def _initialise(
     mesh: Any,
 ) -> None:
     """Fresh values from the model's initializers for the variables of `keys`, into `out`."""
-    parts = [(key, part) for key in keys for part in plan.entries[key].parts]
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    parts = []
+    for key in keys:  # a variable several keys fill: once, named by its first key
+        for part in plan.entries[key].parts:
+            if (part.collection, part.path) not in seen:
+                seen.add((part.collection, part.path))
+                parts.append((key, part))
     idents = [(p.collection, p.path) for _, p in parts]
     assert plan.frontend is not None
     rng = jax.random.key(0) if rng is None else rng
@@ -348,6 +361,7 @@ def _match(
         chosen[key] = [k for _, k in pairs]
     for target in report.unexpected:
         report.shapes.setdefault(target, src.shape(by_target[target][0]))
+    explain(plan, src, report, chosen)
     return chosen, failed
 
 
@@ -390,33 +404,54 @@ def _check_ties(plan: Plan, src: Source, chosen: dict[str, list[str]]) -> None:
 
 
 def _tasks(
-    e: Entry,
-    src_key: str,
+    plan: Plan,
+    keys: Sequence[str],
+    chosen: Mapping[str, list[str]],
     src: Source,
     policy: DtypePolicy,
     shardings: ShardingSpec,
     mesh: Any,
     report: LoadReport,
 ) -> list[Task]:
-    """What to place for one torch key (a task per flax variable); records its casts."""
-    source_dtype = src.dtype(src_key)
-    offset = 0
-    casts = set()
+    """What to place: a task per flax variable, with a piece per torch key that fills it (one,
+    or several for a stacked or scanned variable), in the order of its first key; records
+    each key's casts."""
+    pieces: dict[tuple[str, tuple[str, ...]], list[tuple[Piece, np.dtype]]] = {}
+    names: dict[tuple[str, tuple[str, ...]], str] = {}  # each variable's first model key
+    for key in keys:
+        e = plan.entries[key]
+        src_key = chosen[key][0]
+        source_dtype = src.dtype(src_key)
+        offset = 0
+        casts = set()
+        for part in e.parts:
+            dtype = resolve_dtype(
+                policy, e.key, part.collection, source_dtype, np.dtype(part.leaf.dtype)
+            )
+            if dtype != source_dtype:
+                casts.add(str(dtype))
+            where = (e.axis, offset) if len(e.parts) > 1 else None
+            piece = Piece(src_key, part, where)
+            pieces.setdefault((part.collection, part.path), []).append((piece, dtype))
+            names.setdefault((part.collection, part.path), e.key)
+            if len(e.parts) > 1:
+                offset += part.torch_shape[e.axis]
+        for to in sorted(casts):
+            if not _exact_integer_cast(src, src_key, source_dtype, np.dtype(to)):
+                report.casts.append((e.key, str(source_dtype), to))
     tasks = []
-    for part in e.parts:
-        dtype = resolve_dtype(
-            policy, e.key, part.collection, source_dtype, np.dtype(part.leaf.dtype)
-        )
-        if dtype != source_dtype:
-            casts.add(str(dtype))
-        sharding = resolve_sharding(shardings, mesh, e.key, part)
-        where = (e.axis, offset) if len(e.parts) > 1 else None
-        tasks.append(Task(src_key, part, where, dtype, sharding))
-        if len(e.parts) > 1:
-            offset += part.torch_shape[e.axis]
-    for to in sorted(casts):
-        if not _exact_integer_cast(src, src_key, source_dtype, np.dtype(to)):
-            report.casts.append((e.key, str(source_dtype), to))
+    for ident, members in pieces.items():
+        dtypes = {dtype for _, dtype in members}
+        first = members[0][0]
+        if len(dtypes) > 1:
+            raise ValueError(
+                f"flax variable '{first.part.where}' is one array filled by torch keys "
+                f"{[p.key for p, _ in members][:6]}, but the dtype policy gives them different "
+                f"dtypes {sorted(map(str, dtypes))}: give one dtype for all of them (dtype= "
+                "per collection or a callable)."
+            )
+        sharding = resolve_sharding(shardings, mesh, names[ident], first.part)
+        tasks.append(Task(tuple(p for p, _ in members), dtypes.pop(), sharding))
     return tasks
 
 
@@ -455,7 +490,7 @@ def _export(plan: Plan, e: Entry, variables: Mapping[str, Any]) -> np.ndarray:
             ) from None
         if isinstance(leaf, jax.ShapeDtypeStruct):
             raise ValueError(_NOT_CONCRETE.format(where=part.where, key=e.key, leaf=leaf))
-        pieces.append(part.layout.to_torch(np.asarray(leaf)))
+        pieces.append(part.layout.to_torch(part.take(np.asarray(leaf))))
     array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=e.axis)
     return array if array.flags.writeable else array.copy()
 
@@ -466,7 +501,7 @@ def to_torch(
     *,
     as_torch: bool = False,
     example_inputs: Any = None,
-    rules: Mapping[type, Rule] | None = None,
+    rules: Rules | None = None,
     tied: Mapping[str, str] | None = None,
     report: LoadReport | None = None,
 ) -> dict[str, Any]:
@@ -489,7 +524,7 @@ def to_torch(
         as_torch: return torch tensors instead of NumPy arrays.
         example_inputs: inputs of `__call__` for compact models (not needed again for the
             module object `from_torch` converted into).
-        rules: per-call conversion rules by layer type.
+        rules: per-call conversion rules by layer type or module path.
         tied: extra torch keys that alias a model key.
         report: the `LoadReport` of the conversion to undo exactly.
 
