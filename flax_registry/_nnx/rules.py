@@ -9,18 +9,14 @@ from typing import Any
 import numpy as np
 from flax import nnx
 
-from ..convert._layout import LINEAR, Layout
-from ..convert._rules import (
-    BATCH_STATS,
-    BUILTIN_RULES,
+from ..convert._layer_layouts import (
     NUM_BATCHES_REASON,
-    Map,
     MultiHeadAttentionRule,
-    Rule,
-    TorchOnly,
     conv_layout,
     conv_transpose_layout,
 )
+from ..convert._layout import LINEAR, Layout
+from ..convert._rules import BATCH_STATS, BUILTIN_RULES, Map, Rule, TorchOnly
 
 
 def linear_general_layout(module: Any, shape: tuple[int, ...]) -> Layout:
