@@ -29,7 +29,10 @@ from ._torch_param_groups import ParamEntry, as_torch_optimizer, expected_groups
 
 
 def _to_torch(entry: ParamEntry, tree: Any) -> np.ndarray:
-    pieces = [part.layout.to_torch(np.asarray(tree_get(tree, part.path))) for part in entry.parts]
+    pieces = [
+        part.layout.to_torch(np.asarray(part.take(np.asarray(tree_get(tree, part.path)))))
+        for part in entry.parts
+    ]
     array = pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=entry.axis)
     return np.array(array, copy=True)
 

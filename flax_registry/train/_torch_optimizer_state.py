@@ -185,9 +185,10 @@ def _expected_keys(tx: TorchOptimizer) -> tuple[str, ...]:
     return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if hp["amsgrad"] else ())
 
 
-def _to_flax(entry: ParamEntry, array: np.ndarray) -> dict[Path, np.ndarray]:
-    """A torch-layout state tensor as the flax-layout arrays of the entry's parts."""
-    out: dict[Path, np.ndarray] = {}
+def _to_flax(entry: ParamEntry, array: np.ndarray) -> list[tuple[Any, np.ndarray]]:
+    """A torch-layout state tensor as `(part, flax-layout array)` for each part of the entry
+    (a part with `select` is one slice of its variable: stacked or scanned layers)."""
+    out: list[tuple[Any, np.ndarray]] = []
     offset = 0
     for part in entry.parts:
         piece = array
@@ -196,8 +197,24 @@ def _to_flax(entry: ParamEntry, array: np.ndarray) -> dict[Path, np.ndarray]:
             index = [slice(None)] * array.ndim
             index[entry.axis] = slice(offset, offset + size)
             piece, offset = array[tuple(index)], offset + size
-        out[part.path] = np.asarray(part.layout.to_flax(piece, part.shape), part.leaf.dtype)
+        out.append((part, np.asarray(part.layout.to_flax(piece, part.shape), part.leaf.dtype)))
     return out
+
+
+def _tree_with_parts(tree: Any, pieces: Sequence[tuple[Any, np.ndarray]]) -> Any:
+    """`tree` with each piece written at its part's variable (its slice, for a selection)."""
+    whole: dict[Path, Any] = {}
+    for part, value in pieces:
+        if not part.select:
+            whole[part.path] = value
+            continue
+        if part.path not in whole:
+            whole[part.path] = np.array(tree_get(tree, part.path), copy=True)
+        index: list[Any] = [slice(None)] * whole[part.path].ndim
+        for axis, i in part.fixed().items():
+            index[axis] = i
+        whole[part.path][tuple(index)] = value
+    return _tree_with(tree, {p: jnp.asarray(v) for p, v in whole.items()})
 
 
 def _state_of(states: Mapping[Any, Any], index: Any) -> dict[str, Any] | None:
@@ -272,7 +289,7 @@ def optimizer_state_from_torch(
         if otx is not None:  # before the state: a wrong optimizer has the wrong state keys
             check_class(gi, tgroup, label, otx)
         keys = _expected_keys(otx) if otx is not None else ()
-        values: dict[str, dict[Path, np.ndarray]] = {k: {} for k in keys if k != "step"}
+        values: dict[str, list[tuple[Any, np.ndarray]]] = {k: [] for k in keys if k != "step"}
         steps: dict[str, int] = {}
         with_state, without = [], []
         for index, entry in zip(ids, members):
@@ -313,7 +330,7 @@ def optimizer_state_from_torch(
                             expected=entry.torch_shape, order=order,
                         )
                     )  # fmt: skip
-                values[key].update(_to_flax(entry, array))
+                values[key].extend(_to_flax(entry, array))
         if with_state and without:
             index, entry = without[0]
             raise ValueError(
@@ -354,18 +371,19 @@ def optimizer_state_from_torch(
     return new_state, layout
 
 
-def _load_inner(inner: Any, values: Mapping[str, Mapping[Path, np.ndarray]], count: int) -> Any:
+def _load_inner(
+    inner: Any, values: Mapping[str, Sequence[tuple[Any, np.ndarray]]], count: int
+) -> Any:
     step = jnp.asarray(count, jnp.int32)
     if isinstance(inner, TorchSGDState):
         buf = inner.momentum_buffer
         if values.get("momentum_buffer"):
-            buf = _tree_with(buf, {p: jnp.asarray(v) for p, v in values["momentum_buffer"].items()})
+            buf = _tree_with_parts(buf, values["momentum_buffer"])
         return inner._replace(step=step, momentum_buffer=buf)
     if isinstance(inner, TorchAdamState):
         fields = {}
         for key in ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"):
             if values.get(key):
-                new = {p: jnp.asarray(v) for p, v in values[key].items()}
-                fields[key] = _tree_with(getattr(inner, key), new)
+                fields[key] = _tree_with_parts(getattr(inner, key), values[key])
         return inner._replace(step=step, **fields)
     raise TypeError(f"unexpected optimizer state {type(inner).__name__}")  # pragma: no cover
