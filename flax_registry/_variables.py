@@ -65,6 +65,14 @@ def abstract_variables(module: Any, *args: Any, **kwargs: Any) -> Any:
     With no arguments, only `setup()` runs (enough for modules that register in `setup()`,
     as every `flax_registry` module does); with example inputs, `module.init(key, *args)`
     runs under `jax.eval_shape`, which compact flax modules need to create their variables.
+
+    Args:
+        module: the model definition.
+        *args: example inputs of `__call__` (for compact modules).
+        **kwargs: keyword example inputs.
+
+    Returns:
+        The variables, `{collection: tree of jax.ShapeDtypeStruct}`.
     """
     inputs = Inputs(*args, **kwargs) if args or kwargs else None
     return frontend_of(module).abstract_variables(module, inputs)
@@ -75,6 +83,15 @@ def init_variables(module: Any, key: Any, *args: Any, **kwargs: Any) -> Any:
 
     The counterpart of constructing a torch module: no forward pass is needed for modules
     that register everything in `setup()`.
+
+    Args:
+        module: the model definition.
+        key: the PRNG key of the initializers.
+        *args: example inputs of `__call__` (for compact modules).
+        **kwargs: keyword example inputs.
+
+    Returns:
+        The variables, `{collection: tree of arrays}`.
     """
     inputs = Inputs(*args, **kwargs) if args or kwargs else None
     return frontend_of(module).init_variables(module, key, inputs)

@@ -92,7 +92,16 @@ def named_parameters_of(
 def parameters(
     module: Any, variables: Variables | None = None, recurse: bool = True
 ) -> Iterator[Any]:
-    """The values of `named_parameters`, as `torch.nn.Module.parameters`."""
+    """The values of `named_parameters`, as `torch.nn.Module.parameters`.
+
+    Args:
+        module: the model definition, or an NNX model.
+        variables: its variables (omitted for an NNX model).
+        recurse: include submodules' parameters.
+
+    Returns:
+        An iterator of arrays.
+    """
     return (value for _, value in named_parameters(module, variables, recurse=recurse))
 
 
@@ -106,8 +115,17 @@ def named_buffers(
     """`(name, value)` of every buffer, as `torch.nn.Module.named_buffers`.
 
     Non-persistent buffers are included (as in PyTorch); so are the non-`params` collections
-    of flax submodules (`batch_stats`, ...), under their flax names. Arguments as
-    `named_parameters`.
+    of flax submodules (`batch_stats`, ...), under their flax names.
+
+    Args:
+        module: the model definition, or an NNX model.
+        variables: its variables (omitted for an NNX model).
+        prefix: prepended to every name, as in PyTorch.
+        recurse: include submodules' buffers.
+        remove_duplicate: list a tensor reached under several names once.
+
+    Returns:
+        An iterator of `(dotted name, array)`.
     """
     return named_members(_tree(module, variables), "buffers", prefix, recurse, remove_duplicate)
 
@@ -119,7 +137,16 @@ def named_buffers_of(
 
 
 def buffers(module: Any, variables: Variables | None = None, recurse: bool = True) -> Iterator[Any]:
-    """The values of `named_buffers`, as `torch.nn.Module.buffers`."""
+    """The values of `named_buffers`, as `torch.nn.Module.buffers`.
+
+    Args:
+        module: the model definition, or an NNX model.
+        variables: its variables (omitted for an NNX model).
+        recurse: include submodules' buffers.
+
+    Returns:
+        An iterator of arrays.
+    """
     return (value for _, value in named_buffers(module, variables, recurse=recurse))
 
 
@@ -133,6 +160,15 @@ def named_modules(
 
     A scope that only exists inside a compact `__call__` (flax creates its module object
     during that call only) is listed with `None` in place of the module.
+
+    Args:
+        module: the model definition, or an NNX model.
+        variables: its variables (omitted for an NNX model).
+        prefix: prepended to every name.
+        remove_duplicate: list a module reached under several names once.
+
+    Returns:
+        An iterator of `(dotted name, module)`.
     """
     return _modules(_tree(module, variables), prefix, remove_duplicate)
 
@@ -173,7 +209,17 @@ def state_dict_of(bound: Any, prefix: str = "") -> dict[str, jax.Array]:
 
 
 def get_submodule(module: Any, variables: Variables | None, target: str) -> Any:
-    """The bound submodule at dotted `target`, as `torch.nn.Module.get_submodule`."""
+    """The submodule at dotted `target`, as `torch.nn.Module.get_submodule` (a bound linen
+    module, or the NNX submodule).
+
+    Args:
+        module: the model definition, or an NNX model.
+        variables: its variables (None for an NNX model).
+        target: the dotted name, e.g. `"layer1.0"`.
+
+    Returns:
+        The submodule; PyTorch's AttributeError when there is none.
+    """
     return get_node(_tree(module, variables), target).module
 
 
@@ -182,7 +228,16 @@ def get_submodule_of(bound: Any, target: str) -> Any:
 
 
 def get_parameter(module: Any, variables: Variables | None, target: str) -> jax.Array:
-    """The parameter at dotted `target`, as `torch.nn.Module.get_parameter`."""
+    """The parameter at dotted `target`, as `torch.nn.Module.get_parameter`.
+
+    Args:
+        module: the model definition, or an NNX model.
+        variables: its variables (None for an NNX model).
+        target: the dotted name, e.g. `"fc.weight"`.
+
+    Returns:
+        The array; PyTorch's AttributeError when there is none.
+    """
     return get_member(_tree(module, variables), target, "parameters", "an nn.Parameter")
 
 
@@ -191,7 +246,16 @@ def get_parameter_of(bound: Any, target: str) -> jax.Array:
 
 
 def get_buffer(module: Any, variables: Variables | None, target: str) -> jax.Array:
-    """The buffer at dotted `target`, as `torch.nn.Module.get_buffer`."""
+    """The buffer at dotted `target`, as `torch.nn.Module.get_buffer`.
+
+    Args:
+        module: the model definition, or an NNX model.
+        variables: its variables (None for an NNX model).
+        target: the dotted name, e.g. `"bn.running_mean"`.
+
+    Returns:
+        The array; PyTorch's AttributeError when there is none.
+    """
     return get_member(_tree(module, variables), target, "buffers", "a buffer")
 
 
