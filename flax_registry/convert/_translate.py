@@ -54,6 +54,11 @@ _INIT_NOTHING = (
     "init={patterns} matches no torch key of {cls}; its keys are {keys}... Patterns are globs "
     "over torch names, e.g. init='classifier.*'."
 )
+_NEEDS_CONCRETE = (
+    "init= cannot initialise {keys} of {cls}: the model is abstract (nnx.eval_shape keeps no "
+    "values), and an NNX model's initial values are the ones its constructor made. Construct "
+    "the model (cls(..., rngs=nnx.Rngs(seed))) to take those keys' values from it."
+)
 _NO_NON_PERSISTENT = (
     "cannot load into {cls}: its non-persistent buffers {keys} hold no value (the model is "
     "abstract, as nnx.eval_shape makes it) and no checkpoint holds them (PyTorch computes "
@@ -292,7 +297,8 @@ def _initialise(
     values = plan.frontend.initial_values(module, plan.inputs, rng, idents)
     absent = [key for key, p in parts if values.get((p.collection, p.path)) is None]
     if absent:
-        raise ValueError(_NEEDS_INPUTS.format(keys=absent, cls=plan.cls))
+        template = _NEEDS_CONCRETE if plan.frontend.holds_state else _NEEDS_INPUTS
+        raise ValueError(template.format(keys=absent, cls=plan.cls))
     for key, part in parts:
         value = values[(part.collection, part.path)]
         sharding = resolve_sharding(shardings, mesh, key, part)

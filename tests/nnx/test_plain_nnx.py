@@ -184,3 +184,23 @@ def test_raw_params_follow_the_linen_policy() -> None:
     model, report = fr.from_torch(Custom(nnx.Rngs(0)), twin.state_dict(), rules=rules)
     assert report.ok
     np.testing.assert_array_equal(np.asarray(model.mix.get_value()), twin.mix.detach().numpy())
+
+
+def test_new_head_of_an_nnx_model_keeps_its_constructed_values() -> None:
+    """`init=` on NNX: the head keeps what the constructor made; the body loads."""
+    twin = randomize(TorchResNet()).eval()
+    state = {k: v for k, v in twin.state_dict().items() if not k.startswith("fc.")}
+    state["fc.weight"] = torch.zeros(5, 8)  # a pretrained head to be replaced
+    model = ResNet(nnx.Rngs(3))
+    head = np.asarray(model.fc.kernel.get_value())
+    model, report = fr.from_torch(model, state, init="fc.*", strict=False)
+    assert report.initialized == ["fc.weight", "fc.bias"]
+    np.testing.assert_array_equal(np.asarray(model.fc.kernel.get_value()), head)
+    np.testing.assert_array_equal(
+        np.asarray(model.stem.kernel.get_value()),
+        np.transpose(twin.stem.weight.detach().numpy(), (2, 3, 1, 0)),
+    )
+    with pytest.raises(ValueError, match="the model is abstract"):
+        fr.from_torch(
+            fr.nnx.eval_shape(lambda: ResNet(nnx.Rngs(0))), state, init="fc.*", strict=False
+        )
