@@ -25,6 +25,7 @@ from .._patterns import Patterns, as_patterns
 from .._registry import PARAMS
 from ._labels import ParamGroup, _label_tree, frozen_paths, group_list
 from ._labels import partition as _partition
+from ._scaler import GradScaler
 
 
 @struct.dataclass
@@ -38,6 +39,7 @@ class TrainState:
       masked out by `optax.partition` and hold no state at all);
     - `rng`: the run's random key (raw `uint32` key data, so checkpoints store it as an
       array); the train step draws each step's dropout key as `fold_in(rng, step)`;
+    - `loss_scale`: a `GradScaler` for float16 training with dynamic loss scaling, or None;
     - static: `module`, `tx` (the complete transformation, with frozen parameters and groups),
       `frozen` (the `params` paths never updated) and `rng_impl` (the key's PRNG
       implementation, e.g. 'rbg'; None: JAX's default).
@@ -58,6 +60,7 @@ class TrainState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     frozen: frozenset[Path] = struct.field(pytree_node=False, default=frozenset())
     rng_impl: str | None = struct.field(pytree_node=False, default=None)
+    loss_scale: GradScaler | None = None
 
     def replace(self, **updates: Any) -> TrainState:
         """A copy with some fields replaced (as `dataclasses.replace`)."""
@@ -154,6 +157,7 @@ def create_train_state(
     rng: int | jax.Array = 0,
     frozen: Patterns = (),
     param_groups: Sequence[ParamGroup | tuple[Patterns, optax.GradientTransformation]] = (),
+    loss_scale: GradScaler | None = None,
 ) -> TrainState:
     """A `TrainState` at step 0: the counterpart of `optimizer = torch.optim.X(params, ...)`.
 
@@ -170,6 +174,9 @@ def create_train_state(
     With abstract `variables` (`flax_registry.abstract_variables(module)`) the state is
     abstract too (nothing allocated): the target for `CheckpointManager.restore`.
 
+    `loss_scale` (`GradScaler.create()`) turns on dynamic loss scaling for float16 compute,
+    as `torch.amp.GradScaler`; place the state on a mesh with `shard_train_state`.
+
     Args:
         module: the model definition.
         variables: its variables (all collections), concrete or abstract.
@@ -177,6 +184,7 @@ def create_train_state(
         rng: an int seed or a key.
         frozen: dotted-name patterns of parameters never updated.
         param_groups: `ParamGroup`s (or `(patterns, tx)` pairs).
+        loss_scale: a `GradScaler` (float16 training), or None.
 
     Returns:
         A `TrainState` at step 0.
@@ -222,4 +230,5 @@ def create_train_state(
         tx=full_tx,
         frozen=frozen_paths(labels),
         rng_impl=impl,
+        loss_scale=loss_scale,
     )
