@@ -130,11 +130,19 @@ class StepOnMesh:
             else step
         )
 
-    def __call__(self, state: Any, batch: Any) -> tuple[Any, dict[str, Any]]:
+    def _arguments(self, state: Any, batch: Any) -> tuple[Any, Any, int, Any]:
         replicas = self._replicas or batch_replicas(batch)
         mesh = mesh_of(state) or mesh_of(batch)
         if mesh is None:
-            return self._run(state, batch, replicas, None)
+            return state, batch, replicas, None
         _check_batch(batch, mesh)
         state, shardings = _on_mesh(state, mesh)
-        return self._run(state, batch, replicas, shardings)
+        return state, batch, replicas, shardings
+
+    def __call__(self, state: Any, batch: Any) -> tuple[Any, dict[str, Any]]:
+        return self._run(*self._arguments(state, batch))
+
+    def lower(self, state: Any, batch: Any) -> Any:
+        """The `jax.stages.Lowered` step for these arguments: `.as_text()` is its StableHLO,
+        `.compile().as_text()` the optimised HLO (collectives, dtypes), without running it."""
+        return jax.jit(self._step, static_argnums=(2, 3)).lower(*self._arguments(state, batch))
