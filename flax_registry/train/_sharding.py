@@ -238,7 +238,7 @@ def _opt_state_names(
 
 
 def _dtype(leaf: Any) -> Any:
-    return getattr(leaf, "dtype", np.asarray(leaf).dtype)
+    return leaf.dtype if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
 
 
 def bytes_per_device(tree: Any) -> dict[Any, int]:
