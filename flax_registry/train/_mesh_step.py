@@ -45,7 +45,11 @@ _NEW_STRUCTURE = (
 
 def mesh_of(tree: Any) -> Mesh | None:
     """The mesh of the first array of `tree` placed with a `NamedSharding` (None if none)."""
-    for leaf in jax.tree.leaves(tree):
+    return _mesh_of_leaves(jax.tree.leaves(tree))
+
+
+def _mesh_of_leaves(leaves: list[Any]) -> Mesh | None:
+    for leaf in leaves:
         sharding = getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding):
             return sharding.mesh  # type: ignore[return-value]
@@ -64,19 +68,21 @@ def batch_replicas(batch: Any) -> int:
     return count
 
 
-def _on_mesh(state: Any, mesh: Mesh) -> tuple[Any, tuple[Sharding, ...]]:
-    """The state with every array on `mesh` (unplaced ones replicated) and the flat tuple of
-    their shardings, in leaf order."""
+def _on_mesh(leaves: list[Any], mesh: Mesh) -> tuple[list[Any], tuple[Sharding, ...]]:
+    """The state's leaves with every array on `mesh` (unplaced ones replicated) and the
+    tuple of their shardings. Runs before every step: arrays already on the mesh (the
+    outputs of the previous step) cost one attribute read each."""
     replicated = NamedSharding(mesh, PartitionSpec())
-
-    def sharding(leaf: Any) -> Sharding:
+    shardings: list[Sharding] = []
+    placed = list(leaves)
+    for i, leaf in enumerate(leaves):
         own = getattr(leaf, "sharding", None)
-        if isinstance(own, NamedSharding) and own.mesh == mesh:
-            return own
-        return replicated
-
-    shardings = jax.tree.map(sharding, state)
-    return place(state, shardings), tuple(jax.tree.leaves(shardings))
+        if isinstance(own, NamedSharding) and (own.mesh is mesh or own.mesh == mesh):
+            shardings.append(own)
+        else:
+            shardings.append(replicated)
+            placed[i] = place(leaf, replicated)
+    return placed, tuple(shardings)
 
 
 def _check_batch(batch: Any, mesh: Mesh) -> None:
@@ -132,11 +138,14 @@ class StepOnMesh:
 
     def _arguments(self, state: Any, batch: Any) -> tuple[Any, Any, int, Any]:
         replicas = self._replicas or batch_replicas(batch)
-        mesh = mesh_of(state) or mesh_of(batch)
+        leaves, treedef = jax.tree.flatten(state)
+        mesh = _mesh_of_leaves(leaves) or mesh_of(batch)
         if mesh is None:
             return state, batch, replicas, None
         _check_batch(batch, mesh)
-        state, shardings = _on_mesh(state, mesh)
+        placed, shardings = _on_mesh(leaves, mesh)
+        if any(a is not b for a, b in zip(placed, leaves)):
+            state = jax.tree.unflatten(treedef, placed)
         return state, batch, replicas, shardings
 
     def __call__(self, state: Any, batch: Any) -> tuple[Any, dict[str, Any]]:
@@ -145,4 +154,7 @@ class StepOnMesh:
     def lower(self, state: Any, batch: Any) -> Any:
         """The `jax.stages.Lowered` step for these arguments: `.as_text()` is its StableHLO,
         `.compile().as_text()` the optimised HLO (collectives, dtypes), without running it."""
-        return jax.jit(self._step, static_argnums=(2, 3)).lower(*self._arguments(state, batch))
+        run = (
+            self._run if hasattr(self._run, "lower") else jax.jit(self._step, static_argnums=(2, 3))
+        )
+        return run.lower(*self._arguments(state, batch))
