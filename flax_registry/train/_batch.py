@@ -50,17 +50,12 @@ def shard_batch(batch: Any, mesh: Mesh, axis: Axis = "data", *, local: bool = Fa
         >>> mesh = jax.make_mesh((1,), ("data",))
         >>> x = train.shard_batch({"image": np.zeros((4, 3))}, mesh)["image"]
         >>> x.sharding.spec
-        PartitionSpec('data',)
+        P('data',)
     """
     size = axis_size(mesh, axis)
     processes = jax.process_count() if local else 1
-
-    def put(path: Any, leaf: Any) -> jax.Array:
+    for path, leaf in jax.tree_util.tree_leaves_with_path(batch):  # every leaf before any copy
         shape = tuple(np.shape(leaf))
-        spec = PartitionSpec(axis) if shape else PartitionSpec()
-        sharding = NamedSharding(mesh, spec)
-        if isinstance(leaf, jax.Array) and leaf.sharding == sharding and not local:
-            return leaf
         if shape and (shape[0] * processes) % size:
             raise ValueError(
                 _NOT_DIVISIBLE.format(
@@ -71,9 +66,15 @@ def shard_batch(batch: Any, mesh: Mesh, axis: Axis = "data", *, local: bool = Fa
                     local=f" (this process's part of {processes})" if local else "",
                 )
             )
+
+    def put(leaf: Any) -> jax.Array:
+        shape = tuple(np.shape(leaf))
+        sharding = NamedSharding(mesh, PartitionSpec(axis) if shape else PartitionSpec())
+        if isinstance(leaf, jax.Array) and leaf.sharding == sharding and not local:
+            return leaf
         host = np.asarray(leaf)
         if local and shape:
             return jax.make_array_from_process_local_data(sharding, host)
         return jax.make_array_from_callback(shape, sharding, lambda index: host[index])
 
-    return jax.tree_util.tree_map_with_path(put, batch)
+    return jax.tree.map(put, batch)

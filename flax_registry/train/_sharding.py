@@ -109,6 +109,21 @@ def train_state_shardings(
 
     Returns:
         A `TrainState` whose leaves are `NamedSharding`s on `mesh`.
+
+    Example:
+        >>> import jax
+        >>> import flax_registry as fr
+        >>> from flax_registry import nn, train
+        >>> model = nn.Linear(4, 8)
+        >>> state = train.create_train_state(
+        ...     model, fr.abstract_variables(model), train.torch_adam(1e-3))
+        >>> mesh = jax.sharding.AbstractMesh((8,), ("data",))  # 8 devices, named "data"
+        >>> placed = train.train_state_shardings(state, mesh, train.FULLY_SHARDED)
+        >>> placed.params["weight"].spec, placed.step.spec  # weight: (8, 4), PyTorch's layout
+        (P('data',), P())
+        >>> inner = placed.opt_state.inner_states["default"].inner_state
+        >>> inner.exp_avg["weight"].spec  # Adam's moment sits where its parameter sits
+        P('data',)
     """
     names = torch_names(state.module, state.variables)
     strategy = _strategy(shardings, mesh, axis)
@@ -186,9 +201,9 @@ def shard_train_state(
         >>> state = train.create_train_state(
         ...     model, fr.init_variables(model, jax.random.key(0)), train.torch_sgd(0.1))
         >>> mesh = jax.make_mesh((1,), ("data",))
-        >>> state = train.shard_train_state(state, mesh, train.FULLY_SHARDED)
-        >>> state.params["weight"].sharding.spec
-        PartitionSpec('data', None)
+        >>> state = train.shard_train_state(state, mesh, train.DATA_PARALLEL)
+        >>> state.params["weight"].sharding.spec, dict(state.params["weight"].sharding.mesh.shape)
+        (P(), {'data': 1})
     """
     placement = train_state_shardings(state, mesh, shardings, rules=rules, axis=axis)
     return place(state, placement)
