@@ -17,6 +17,7 @@ import flax_registry as fr
 from flax_registry import nn, train
 
 from ..parity import TOL, assert_close
+from ..parity import key as rbg_key
 from . import torch_runs
 from .models import Net, TorchNet, batches, cross_entropy, torch_variables
 
@@ -40,7 +41,7 @@ def _mlp_loss(model: Any, batch: Any) -> Any:
 def test_four_micro_batches_equal_one_4x_batch_without_batchnorm() -> None:
     module = MLP()
     start = train.create_train_state(
-        module, fr.init_variables(module, jax.random.key(0)), train.torch_adam(1e-2)
+        module, fr.init_variables(module, rbg_key(0)), train.torch_adam(1e-2)
     )
     whole = train.make_train_step(_mlp_loss, donate=False)
     micro = train.make_train_step(_mlp_loss, micro_batches=MICRO, donate=False)
@@ -85,7 +86,7 @@ def test_accumulation_with_batchnorm_equals_pytorchs_loop() -> None:
 def test_a_batch_that_does_not_split_is_refused_naming_the_leaf() -> None:
     module = MLP()
     state = train.create_train_state(
-        module, fr.init_variables(module, jax.random.key(0)), train.torch_sgd(0.1)
+        module, fr.init_variables(module, rbg_key(0)), train.torch_sgd(0.1)
     )
     step = train.make_train_step(_mlp_loss, micro_batches=MICRO)
     x, y = batches(1, batch=10)[0]

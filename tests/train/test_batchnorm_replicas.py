@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,7 +17,7 @@ import flax_registry as fr
 from flax_registry import nn, train
 from flax_registry.nn.mode import GLOBAL, PER_REPLICA, replicas
 
-from ..parity import assert_buffers_match, assert_close, load_from_torch
+from ..parity import assert_buffers_match, assert_close, key, load_from_torch
 from . import torch_runs
 from .models import Net, TorchNet, batches, cross_entropy, torch_variables
 
@@ -92,7 +91,7 @@ class TwoNorms(fr.Module):
 def test_a_layer_overrides_the_model_wide_setting() -> None:
     x = np.random.default_rng(2).standard_normal((8, 3)).astype(np.float32)
     module = TwoNorms()
-    variables = fr.init_variables(module, jax.random.key(0))
+    variables = fr.init_variables(module, key(0))
     (per_replica, synced), _ = _forward(module, variables, x, count=2, batch_stats=PER_REPLICA)
     bn = torch.nn.BatchNorm1d(3).train()
     assert_close(synced, bn(torch.tensor(x)).detach())
@@ -126,7 +125,7 @@ def test_a_4_gpu_ddp_run_reproduced_on_one_device() -> None:
 
 def test_errors_name_the_problem_and_the_fix() -> None:
     module = nn.BatchNorm1d(3)
-    variables = fr.init_variables(module, jax.random.key(0))
+    variables = fr.init_variables(module, key(0))
     x = np.zeros((6, 3), np.float32)
     with pytest.raises(ValueError, match=r"split the batch axis into 4 equal parts .* shape \[6, 3\], whose batch size 6 is not a multiple of 4: make the global batch size a multiple"):  # fmt: skip
         _forward(module, variables, x, count=4, batch_stats=PER_REPLICA)

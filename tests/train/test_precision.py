@@ -19,6 +19,7 @@ import flax_registry as fr
 from flax_registry import nn, train
 
 from ..parity import assert_close
+from ..parity import key as rbg_key
 from .models import Net, TorchNet, batches, cross_entropy, torch_variables
 
 BF16 = train.Policy(compute_dtype=jnp.bfloat16)
@@ -69,7 +70,7 @@ def _loss(model: Any, batch: Any) -> Any:
 
 def test_toy_task_loss_after_50_steps_within_2_percent_of_fp32() -> None:
     module = Classifier()
-    variables = fr.init_variables(module, jax.random.key(1))
+    variables = fr.init_variables(module, rbg_key(1))
     data = _toy_data(50)
     final = {}
     for name, policy in (("fp32", None), ("bf16", BF16)):
