@@ -138,14 +138,13 @@ def train_state_shardings(
         return replicated if chosen is None else chosen
 
     def variable(collection: str) -> Callable[[Any, Any], Sharding]:
-        def place(path: Any, leaf: Any) -> Sharding:
-            local = key_path(path)
-            name = names.name_of((collection, local))
-            return choose(
-                PARAMS if collection == PARAMS else "buffer", name, (collection, *local), leaf
-            )
+        kind = PARAMS if collection == PARAMS else "buffer"
 
-        return place
+        def pick(path: Any, leaf: Any) -> Sharding:
+            local = key_path(path)
+            return choose(kind, names.name_of((collection, local)), (collection, *local), leaf)
+
+        return pick
 
     def optimizer(path: Any, leaf: Any) -> Sharding:
         param = by_name(key_path(path), tuple(np.shape(leaf)))
