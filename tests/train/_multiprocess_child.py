@@ -30,6 +30,9 @@ def main(phase: str, process_id: int, port: int, workdir: str) -> None:
     jax.distributed.initialize(
         f"localhost:{port}", PROCESSES, process_id, initialization_timeout=60
     )
+    # the restarted run reuses the first run's compiled step, as a restarted job would
+    jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from jax.experimental import multihost_utils
 
     assert jax.process_count() == PROCESSES and jax.local_device_count() == 2
@@ -45,7 +48,7 @@ def main(phase: str, process_id: int, port: int, workdir: str) -> None:
     from flax_registry.checkpoint import CheckpointManager
     from flax_registry.convert._source import Source
 
-    from .models import Net, batches, cross_entropy
+    from .nets import Net, batches, cross_entropy
 
     mesh = jax.make_mesh((4,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     module = Net(channels=8, classes=4)

@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import flax_registry as fr
 from flax_registry import train
 
-from .models import Net, batches, cross_entropy
+from .nets import Net, batches, cross_entropy
 
 STEPS, BATCH = 5, 16
 TOL = {"rtol": 1e-5, "atol": 1e-5}
