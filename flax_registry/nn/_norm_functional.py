@@ -23,6 +23,12 @@ Array = jax.Array
 
 _BATCH_SIZE = "Expected more than 1 value per channel when training, got input size {size}"
 _SPATIAL_SIZE = "Expected more than 1 spatial element when training, got input size {size}"
+_REPLICA_SPLIT = (
+    "per-replica batch statistics split the batch axis into {groups} equal parts (one per "
+    "replica), but the input has shape {size}, whose batch size {n} is not a multiple of "
+    "{groups}: make the global batch size a multiple of the number of replicas (as "
+    "DistributedSampler gives every rank the same batch size), or use global statistics"
+)
 
 
 def verify_batch_size(shape: Sequence[int]) -> None:
@@ -83,6 +89,7 @@ def batch_norm(
     training: bool,
     momentum: Any,
     eps: float,
+    groups: int = 1,
 ) -> tuple[Array, Array | None, Array | None]:
     """`F.batch_norm` without the in-place update: returns `(y, new_running_mean, new_running_var)`.
 
@@ -91,6 +98,13 @@ def batch_norm(
     `(1 - momentum) * running + momentum * batch_stat` with the UNBIASED batch variance (as
     PyTorch); otherwise the running statistics normalise and come back unchanged. `momentum`
     may be a traced scalar (the cumulative average's `1 / num_batches_tracked`).
+
+    `groups > 1` is PyTorch DDP's per-replica BatchNorm as one program: the batch axis is split
+    into `groups` equal consecutive parts (the replicas' parts of a batch sharded over a mesh
+    axis), each normalised by its own statistics, and the running statistics move towards
+    those of the first part only: DDP's `broadcast_buffers=True` hands rank 0's buffers to
+    every rank before each forward pass. `groups=1` is one process's `F.batch_norm`, which is
+    also `SyncBatchNorm`'s math over the whole (global) batch.
     """
     dtype = _stat_dtype(x)
     xc = x.astype(dtype)
@@ -100,16 +114,36 @@ def batch_norm(
         mean, var = _channel(running_mean, x.ndim, dtype), _channel(running_var, x.ndim, dtype)
         assert mean is not None and var is not None
         return _normalize(xc, mean, var, w, b, eps).astype(x.dtype), running_mean, running_var
-    verify_batch_size(x.shape)
-    axes = (0, *range(2, x.ndim))
-    mean, var = _moments(xc, axes)
-    y = _normalize(xc, mean, var, w, b, eps).astype(x.dtype)
+    if groups == 1:
+        verify_batch_size(x.shape)
+        mean, var = _moments(xc, (0, *range(2, x.ndim)))
+        y = _normalize(xc, mean, var, w, b, eps).astype(x.dtype)
+    else:
+        mean, var, y = _per_group(xc, groups, w, b, eps)
+        y = y.astype(x.dtype)
     if running_mean is None or running_var is None:
         return y, running_mean, running_var
-    n = x.size // x.shape[1]
+    n = x.size // x.shape[1] // groups
     new_mean = _blend(running_mean, mean.reshape(-1), momentum)
     new_var = _blend(running_var, _unbiased(var, n).reshape(-1), momentum)
     return y, new_mean, new_var
+
+
+def _per_group(
+    x: Array, groups: int, weight: Array | None, bias: Array | None, eps: float
+) -> tuple[Array, Array, Array]:
+    """Each of `groups` consecutive parts of the batch normalised by its own statistics; the
+    first part's mean and biased variance (as `(1, C, 1, ...)`) come back with the output.
+    The reshape keeps a batch axis sharded over the replicas local: no data moves."""
+    if x.shape[0] % groups:
+        raise ValueError(
+            _REPLICA_SPLIT.format(groups=groups, size=torch_size(x.shape), n=x.shape[0])
+        )
+    grouped = x.reshape((groups, x.shape[0] // groups, *x.shape[1:]))
+    verify_batch_size(grouped.shape[1:])
+    mean, var = _moments(grouped, (1, *range(3, grouped.ndim)))
+    y = ((grouped - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape)
+    return mean[0], var[0], _affine(y, weight, bias)
 
 
 def instance_norm(

@@ -6,6 +6,12 @@ running statistics normalise and nothing changes, so `model.apply(variables, x)`
 `flax_registry.apply(model, variables, x, train=True)` is PyTorch's `model.train(); model(x)`: the
 batch statistics normalise, and `running_mean`, `running_var` and `num_batches_tracked` are
 updated in the returned variables. `train` is a Python bool: under `jax.jit` mark it static.
+
+Across data-parallel replicas (a batch sharded over a mesh), batch statistics are global by
+default: the whole batch's, as `torch.nn.SyncBatchNorm` computes them and as a single device
+would; `stats="per_replica"` (or `flax_registry.nn.mode.replicas(n, "per_replica")` for the
+whole model) gives PyTorch DDP's per-replica statistics instead. `SyncBatchNorm` is the layer
+that always uses global statistics, whatever the model-wide setting.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import numpy as np
 
 from .._linen.module import Module
 from ._norm_functional import batch_norm
+from .mode import GLOBAL, PER_REPLICA, check_batch_stats, current_replicas
 from .normalization import register_affine
 
 _CHANNELS = (
@@ -107,6 +114,13 @@ class _BatchNorm(_NormBase):
     increment. Eval (`train=False`) normalises with the running statistics when tracking, and
     with the batch statistics otherwise (as PyTorch with `track_running_stats=False`).
 
+    `stats`: how batch statistics are computed across data-parallel replicas (see
+    `flax_registry.nn.mode.replicas`): "global" (over the whole batch, `SyncBatchNorm`),
+    "per_replica" (each replica's part of the batch on its own, the running statistics from
+    the first replica's part: PyTorch DDP's default with `broadcast_buffers=True`), or None
+    (the model-wide setting, "global" unless the step says otherwise). With one replica both
+    are PyTorch's single-process BatchNorm.
+
     Differences from PyTorch: the buffers change only in the variables returned by
     `flax_registry.apply` (or `apply(..., mutable=['buffers'])`); a train-mode call with
     immutable buffers raises instead of silently skipping the update. The running-statistics
@@ -114,6 +128,14 @@ class _BatchNorm(_NormBase):
     """
 
     _ndims: ClassVar[tuple[int, ...]] = ()
+
+    stats: str | None = None
+
+    def _groups(self) -> int:
+        """How many parts of the batch are normalised on their own (1: the whole batch)."""
+        setting = current_replicas()
+        mode = setting.batch_stats if self.stats is None else check_batch_stats(self.stats)
+        return setting.count if mode == PER_REPLICA else 1
 
     def __call__(self, x: Any, *, train: bool = False) -> jax.Array:
         x = jnp.asarray(x)
@@ -139,6 +161,7 @@ class _BatchNorm(_NormBase):
             training=train or not tracking,
             momentum=momentum,
             eps=self.eps,
+            groups=self._groups() if train or not tracking else 1,
         )
         if train and tracking:
             self.update_buffer("running_mean", new_mean)
@@ -162,3 +185,17 @@ class BatchNorm3d(_BatchNorm):
     """`torch.nn.BatchNorm3d`: input `(N, C, D, H, W)`; see `_BatchNorm`."""
 
     _ndims = (5,)
+
+
+class SyncBatchNorm(_BatchNorm):
+    """`torch.nn.SyncBatchNorm`: batch statistics over the whole batch across every replica,
+    whatever the model-wide setting; input `(N, C, *)` of 2 to 5 dimensions; see `_BatchNorm`.
+
+    Differences from PyTorch: no `process_group` (the mesh axes the batch is sharded over
+    are the group) and nothing to convert: under `jax.jit` the statistics of a sharded batch
+    are the global ones; PyTorch's single-process fallback to `BatchNorm` is the same math.
+    """
+
+    _ndims = (2, 3, 4, 5)
+
+    stats: str | None = GLOBAL

@@ -26,6 +26,7 @@ from .._patterns import Patterns, as_patterns
 from .._registry import PARAMS
 from ._labels import ParamGroup, _label_tree, frozen_paths, group_list
 from ._labels import partition as _partition
+from ._scaler import GradScaler
 
 
 @struct.dataclass
@@ -39,6 +40,7 @@ class TrainState:
       masked out by `optax.partition` and hold no state at all);
     - `rng`: the run's random key (raw `uint32` key data, so checkpoints store it as an
       array); the train step draws each step's dropout key as `fold_in(rng, step)`;
+    - `loss_scale`: a `GradScaler` for float16 training with dynamic loss scaling, or None;
     - static: `module`, `tx` (the complete transformation, with frozen parameters and groups),
       `frozen` (the `params` paths never updated) and `rng_impl` (the key's PRNG
       implementation, e.g. 'rbg'; None: JAX's default).
@@ -59,6 +61,7 @@ class TrainState:
     tx: optax.GradientTransformation = struct.field(pytree_node=False)
     frozen: frozenset[Path] = struct.field(pytree_node=False, default=frozenset())
     rng_impl: str | None = struct.field(pytree_node=False, default=None)
+    loss_scale: GradScaler | None = None
 
     def replace(self, **updates: Any) -> TrainState:
         """A copy with some fields replaced (as `dataclasses.replace`)."""
@@ -113,9 +116,15 @@ def _owned(tree: Any) -> Any:
     """``tree`` with every ``jax.Array`` replaced by a copy on the same devices (same sharding,
     same committedness): arrays the state owns, which a donating train step may consume without
     deleting the arrays its caller still holds."""
-    return jax.tree.map(
-        lambda x: jax.device_put(x, may_alias=False) if isinstance(x, jax.Array) else x, tree
-    )
+
+    def copy(x: Any) -> Any:
+        if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer):
+            return x  # under jit the outputs are new arrays anyway
+        if x.is_fully_addressable:
+            return jax.device_put(x, may_alias=False)
+        return jax.device_put(x, x.sharding, may_alias=False)  # a multi-process global array
+
+    return jax.tree.map(copy, tree)
 
 
 def _is_abstract(tree: Any) -> bool:
@@ -160,6 +169,7 @@ def create_train_state(
     rng: int | jax.Array = 0,
     frozen: Patterns = (),
     param_groups: Sequence[ParamGroup | tuple[Patterns, optax.GradientTransformation]] = (),
+    loss_scale: GradScaler | None = None,
 ) -> TrainState:
     """A `TrainState` at step 0: the counterpart of `optimizer = torch.optim.X(params, ...)`.
 
@@ -187,6 +197,9 @@ def create_train_state(
     `module` is then the model's definition, and `flax_registry.nnx.update(model,
     state.variables)` puts trained values back into a model.
 
+    `loss_scale` (`GradScaler.create()`) turns on dynamic loss scaling for float16 compute,
+    as `torch.amp.GradScaler`; place the state on a mesh with `shard_train_state`.
+
     Args:
         module: the model definition, or an NNX model.
         variables: its variables (all collections), concrete or abstract (omitted for an NNX
@@ -195,6 +208,7 @@ def create_train_state(
         rng: an int seed or a key.
         frozen: dotted-name patterns of parameters never updated.
         param_groups: `ParamGroup`s (or `(patterns, tx)` pairs).
+        loss_scale: a `GradScaler` (float16 training), or None.
 
     Returns:
         A `TrainState` at step 0.
@@ -249,4 +263,5 @@ def create_train_state(
         tx=full_tx,
         frozen=frozen_paths(labels),
         rng_impl=impl,
+        loss_scale=loss_scale,
     )

@@ -25,6 +25,10 @@ import jax.numpy as jnp
 from .._frontend import ModuleDef, frontend_of
 from .._nested import key_path
 from .._registry import PARAMS
+from ._accumulate import accumulate
+from ._mesh_step import StepOnMesh, constrain
+from ._precision import Policy
+from ._scaler import skip_if_overflow
 from ._state import TrainState
 
 LossFn = Callable[..., Any]
@@ -49,7 +53,9 @@ class Model:
 
     `model(*args, method=None, **kwargs)` runs `module.apply`; `call_kwargs` of the step
     (`train=True` in a train step) are added to every call, and each call gets its own
-    random keys for the step's rng streams.
+    random keys for the step's rng streams. With a mixed-precision `policy`, floating
+    parameters and inputs enter each call in its compute dtype and floating outputs leave it
+    in its output dtype (`params` stays the master tree).
     """
 
     def __init__(
@@ -63,6 +69,7 @@ class Model:
         call_kwargs: Mapping[str, Any],
         mutable: bool,
         check_train: bool = False,
+        policy: Policy | None = None,
     ) -> None:
         self.module = module
         self.params = params
@@ -71,6 +78,7 @@ class Model:
         self._streams = tuple(rng_streams)
         self._call_kwargs = dict(call_kwargs)
         self._mutable = mutable
+        self._policy = policy
         self._calls = 0
         self._check_train = check_train
 
@@ -84,19 +92,18 @@ class Model:
         call_key = jax.random.fold_in(self._key, self._calls)
         return {s: jax.random.fold_in(call_key, i) for i, s in enumerate(self._streams)}
 
-    def _apply(self, inputs: tuple[Any, Any, Any, Any], method: Any) -> Any:
-        variables, args, kwargs, rngs = inputs
-        frontend = frontend_of(self.module)
-        mutable = list(self.buffers) if self._mutable and self.buffers else False
-        return frontend.apply(
-            self.module, variables, *args, method=method, rngs=rngs, mutable=mutable, **kwargs
-        )
-
     def __call__(self, *args: Any, method: Any = None, **kwargs: Any) -> Any:
+        if self._policy is not None:
+            args, kwargs = self._policy.cast_to_compute((args, kwargs))
+            return self._policy.cast_to_output(self._call(args, kwargs, method))
+        return self._call(args, kwargs, method)
+
+    def _call(self, args: Any, kwargs: dict[str, Any], method: Any) -> Any:
         kwargs = {**self._call_kwargs, **kwargs}
         rngs = self._rngs()
         self._calls += 1
-        inputs = (self.variables, args, kwargs, rngs)
+        params = self.params if self._policy is None else self._policy.cast_to_compute(self.params)
+        inputs = ({PARAMS: params, **self.buffers}, args, kwargs, rngs)
         if self._check_train:  # once: the first call of the first trace
             self._check_train = False
             self._refuse_eval_mode_layers(inputs, method)
@@ -106,6 +113,14 @@ class Model:
         out, updates = result
         self.buffers = {**self.buffers, **{c: updates[c] for c in self.buffers if c in updates}}
         return out
+
+    def _apply(self, inputs: tuple[Any, Any, Any, Any], method: Any) -> Any:
+        variables, args, kwargs, rngs = inputs
+        frontend = frontend_of(self.module)
+        mutable = list(self.buffers) if self._mutable and self.buffers else False
+        return frontend.apply(
+            self.module, variables, *args, method=method, rngs=rngs, mutable=mutable, **kwargs
+        )
 
     def _refuse_eval_mode_layers(self, inputs: Any, method: Any) -> None:
         """Raise if layers called without the `train` they take behave differently with
@@ -158,6 +173,10 @@ def make_train_step(
     rng_streams: Sequence[str] = ("dropout",),
     jit: bool = True,
     donate: bool = True,
+    batch_norm: str = "global",
+    replicas: int | None = None,
+    micro_batches: int = 1,
+    policy: Policy | None = None,
 ) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, Any]]]:
     """A step `(state, batch) -> (new_state, metrics)`: forward, backward, optimizer update.
 
@@ -176,39 +195,77 @@ def make_train_step(
       (`call_kwargs={}` runs them in eval mode on purpose);
     - each step draws its keys for `rng_streams` from `fold_in(state.rng, state.step)`,
       so a resumed run draws the same dropout masks as an uninterrupted one;
-    - `metrics` holds `loss` and whatever `loss_fn` returned with it.
+    - `metrics` holds `loss` and whatever `loss_fn` returned with it (and `skipped`, whether
+      a float16 overflow skipped the step, when the state has a `GradScaler`).
+
+    On a device mesh (a state placed by `shard_train_state`, a batch by `shard_batch`) the
+    step is data-parallel over the batch's split, and every array of the new state keeps the
+    sharding of the one it replaces. `batch_norm` says how BatchNorm layers compute batch
+    statistics across the data-parallel replicas: "global" (the default: the whole batch's,
+    `torch.nn.SyncBatchNorm`, the same numbers as one device) or "per_replica" (each
+    replica's part on its own, PyTorch DDP's default; see `flax_registry.nn.mode.replicas`).
+    `replicas` overrides the number of replicas read from the batch's sharding (e.g. to
+    reproduce a 4-GPU DDP run on one device).
+
+    `micro_batches > 1` accumulates gradients over that many micro-batches of the batch (see
+    `flax_registry.train._accumulate`): PyTorch's several `loss.backward()` per
+    `optimizer.step()`. `policy` runs the model in mixed precision (see `Policy`); a
+    `GradScaler` in `state.loss_scale` scales the loss, unscales the gradients and skips the
+    update on overflow, as `torch.amp.GradScaler`.
 
     With `donate=True` (the default) the input state's arrays are donated to the new one:
     do not use the old state after the call. Only arrays the state owns are consumed:
     `create_train_state` copies the variables it is given, so they stay valid.
     """
+    from ..nn.mode import check_batch_stats
+    from ..nn.mode import replicas as replica_context
 
-    def step(state: TrainState, batch: Any) -> tuple[TrainState, dict[str, Any]]:
+    check_batch_stats(batch_norm)
+    if micro_batches < 1:
+        raise ValueError(f"micro_batches must be a positive int, got {micro_batches!r}")
+
+    def step(
+        state: TrainState, batch: Any, n_replicas: int = 1, shardings: Any = None
+    ) -> tuple[TrainState, dict[str, Any]]:
         kwargs = _call_kwargs(state.module, call_kwargs, train=True)
         check_train = call_kwargs is None and not _accepts_train(state.module)
-        key = jax.random.fold_in(state.key, state.step)
+        scaler = state.loss_scale
 
-        def compute(params: Any) -> tuple[jax.Array, tuple[dict[str, Any], dict[str, Any]]]:
+        def compute(
+            params: Any, buffers: Any, batch: Any, key: jax.Array
+        ) -> tuple[jax.Array, tuple[jax.Array, dict[str, Any], dict[str, Any]]]:
             model = Model(
                 state.module,
                 _stop_frozen(params, state.frozen),
-                state.buffers,
+                buffers,
                 key=key,
                 rng_streams=rng_streams,
                 call_kwargs=kwargs,
                 mutable=True,
                 check_train=check_train,
+                policy=policy,
             )
             loss, metrics = _split_result(loss_fn(model, batch))
-            return loss, (metrics, model.buffers)
+            objective = loss if scaler is None else scaler.scale_loss(loss)
+            return objective, (loss, metrics, model.buffers)
 
-        (loss, (metrics, buffers)), grads = jax.value_and_grad(compute, has_aux=True)(state.params)
-        new_state = state.apply_gradients(grads).replace(buffers=buffers)
+        key = jax.random.fold_in(state.key, state.step)
+        grad_fn = jax.value_and_grad(compute, has_aux=True)
+        with replica_context(n_replicas, batch_norm):
+            grads, loss, metrics, buffers = accumulate(
+                grad_fn, state.params, state.buffers, batch, key, micro_batches, n_replicas
+            )
+        if scaler is None:
+            new_state = state.apply_gradients(grads)
+        else:
+            grads, found_inf = scaler.unscale(grads)
+            new_state = skip_if_overflow(found_inf, state, state.apply_gradients(grads))
+            new_state = new_state.replace(loss_scale=scaler.update(found_inf))
+            metrics = {**metrics, "skipped": found_inf}
+        new_state = constrain(new_state.replace(buffers=buffers), state, shardings)
         return new_state, {"loss": loss, **metrics}
 
-    if not jit:
-        return step
-    return jax.jit(step, donate_argnums=(0,) if donate else ())
+    return StepOnMesh(step, jit=jit, donate=donate, replicas=replicas)
 
 
 def make_eval_step(
@@ -216,12 +273,14 @@ def make_eval_step(
     *,
     call_kwargs: Mapping[str, Any] | None = None,
     jit: bool = True,
+    policy: Policy | None = None,
 ) -> Callable[[TrainState, Any], dict[str, Any]]:
     """A step `(state, batch) -> metrics` that uses the buffers without changing them.
 
     The counterpart of `model.eval(); with torch.no_grad(): loss_fn(model, batch)`: the same
     `loss_fn` as the train step, the model called with `call_kwargs` (nothing by default, so
     `train=False`) and nothing mutable; a module that tries to update a buffer raises.
+    `policy` runs the model in mixed precision, as in `make_train_step`.
     """
 
     def step(state: TrainState, batch: Any) -> dict[str, Any]:
@@ -234,6 +293,7 @@ def make_eval_step(
             rng_streams=(),
             call_kwargs=kwargs,
             mutable=False,
+            policy=policy,
         )
         loss, metrics = _split_result(loss_fn(model, batch))
         return {"loss": loss, **metrics}
