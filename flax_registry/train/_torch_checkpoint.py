@@ -26,6 +26,7 @@ from .._patterns import Patterns
 from ..convert import from_torch, to_torch
 from ._labels import DEFAULT, group_list
 from ._optim import TorchOptimizer
+from ._scaler import GradScaler
 from ._scheduler_state import (
     check_arguments,
     check_scheduler_state,
@@ -40,6 +41,7 @@ from ._torch_checkpoint_entries import (
     TorchCheckpointExtras,
     describe,
     find_entry,
+    is_grad_scaler,
     listing,
     materialize,
     to_torch_tree,
@@ -47,6 +49,10 @@ from ._torch_checkpoint_entries import (
 from ._torch_optimizer_export import export_optimizer_state
 from ._torch_optimizer_state import Groups, optimizer_state_from_torch
 
+_NO_SCALER = (
+    "{name}: loss_scale=True, but the checkpoint has {found} GradScaler state entries (one is "
+    "needed); its entries are {listing}."
+)
 _NO_SCHEDULER = (
     "{name}: the learning rates here follow {spec}, but the checkpoint has no scheduler state "
     "(entries: {listing}), so the step the schedule has reached is unknown. Fix: pass "
@@ -80,6 +86,7 @@ def from_torch_checkpoint(
     dtype: Any = None,
     shardings: Any = None,
     mesh: jax.sharding.Mesh | None = None,
+    loss_scale: bool = False,
 ) -> tuple[TrainState, TorchCheckpointExtras]:
     """Resume a PyTorch training run: a `TrainState` holding the checkpoint's model,
     optimizer state and schedule position, and the checkpoint's other entries.
@@ -104,6 +111,12 @@ def from_torch_checkpoint(
     see `optimizer_state_from_torch` for `group_order` and `frozen_in_optimizer`. `step`:
     steps taken, needed only for SGD with momentum and no scheduler (SGD saves no count).
 
+    `loss_scale=True` continues a mixed-precision run: the checkpoint's
+    `torch.amp.GradScaler` state (scale, growth tracker, constants) becomes the state's
+    `loss_scale` (a `fr.train.GradScaler`: the step scales the loss, skips steps on overflow
+    and moves the scale as PyTorch's does), and `to_torch_checkpoint` writes it back in its
+    entry. Without it, the scaler's entry is kept as an extra, unchanged.
+
     Returns `(state, extras)`: `extras` holds every other entry (epoch, RNG states, GradScaler
     state, ...), never dropped, and what `to_torch_checkpoint` needs to write the checkpoint
     back as it came.
@@ -113,7 +126,7 @@ def from_torch_checkpoint(
         model_key=model_key, optimizer_key=optimizer_key, scheduler_key=scheduler_key,
         group_order=group_order, frozen_in_optimizer=frozen_in_optimizer,
         example_inputs=example_inputs, rules=rules, renames=renames, tied=tied, dtype=dtype,
-        shardings=shardings, mesh=mesh,
+        shardings=shardings, mesh=mesh, loss_scale=loss_scale,
     )  # fmt: skip
     if isinstance(checkpoint, str | os.PathLike):
         from ..io import load_torch_object
@@ -207,6 +220,12 @@ def _from_object(
     )
     extras.entries, extras.order = keys, list(obj)
     extras.model_report, extras.optimizer_layout = report, layout
+    scalers = [k for k, v in extras.items() if is_grad_scaler(v)]
+    if args["loss_scale"] and len(scalers) != 1:
+        raise ValueError(_NO_SCALER.format(name=name, found=scalers, listing=listing(obj)))
+    if args["loss_scale"]:  # torch.amp.GradScaler's state: the state's loss scale
+        extras.scaler_key = scalers[0]
+        state = state.replace(loss_scale=GradScaler.from_state_dict(extras.pop(scalers[0])))
     if sched_state is not None:
         if spec is None:
             cls = torch_scheduler_class(sched_state) or "LRScheduler"
@@ -285,6 +304,9 @@ def to_torch_checkpoint(
         entries[names["scheduler"]] = scheduler_state_dict(
             schedules, counts.pop(), use_beta1=use_beta1, like=like
         )
+    if state.loss_scale is not None:  # as torch.amp.GradScaler.state_dict()
+        scaler_key = info.scaler_key if info is not None and info.scaler_key else "scaler"
+        entries[scaler_key] = state.loss_scale.state_dict()
     for key, value in (extras or {}).items():
         if key in entries or key == names["model"]:
             raise ValueError(f"extras entry {key!r} has the name of the {key} entry; rename it.")

@@ -50,6 +50,7 @@ class TorchCheckpointExtras(dict[str, Any]):
         self.model_report: LoadReport | None = None
         self.optimizer_layout: TorchOptimizerLayout | None = None
         self.scheduler: SchedulerInfo | None = None
+        self.scaler_key: str | None = None  # the GradScaler entry, loaded as state.loss_scale
 
     def __str__(self) -> str:
         lines = ["PyTorch training checkpoint:"]
@@ -67,13 +68,18 @@ class TorchCheckpointExtras(dict[str, Any]):
         return "\n".join(lines)
 
 
+def is_grad_scaler(x: Any) -> bool:
+    """`torch.amp.GradScaler.state_dict()`."""
+    return isinstance(x, Mapping) and set(x) >= _GRAD_SCALER
+
+
 def describe(x: Any) -> str:
     """A short description of a checkpoint entry, for listings."""
     if isinstance(x, LazyTensor | np.ndarray) or is_torch_tensor(x):
         return f"tensor {np.dtype(x.dtype) if not is_torch_tensor(x) else x.dtype} {tuple(x.shape)}"
     if isinstance(x, Mapping):
-        if set(x) >= _GRAD_SCALER:
-            return "GradScaler state (no loss scaling in flax_registry yet: kept, not used)"
+        if is_grad_scaler(x):
+            return "GradScaler state_dict (loss_scale=True continues with its scale)"
         if _is_optimizer(x):
             return "optimizer state_dict"
         if _is_scheduler(x):

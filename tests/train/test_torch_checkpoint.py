@@ -329,3 +329,38 @@ def test_mismatched_checkpoints_raise_naming_the_entry(tmp_path: Path) -> None:
     torch.save({"model": net, "optimizer": base["optimizer"]}, tmp_path / "pickled_module.pt")
     with pytest.raises(ForbiddenGlobalError, match=r"TorchNet"):
         train.from_torch_checkpoint(tmp_path / "pickled_module.pt", module, tx)
+
+
+def test_grad_scaler_state_continues_as_the_loss_scale(tmp_path: Path) -> None:
+    """`loss_scale=True`: PyTorch's GradScaler state (after a skipped step and some growth)
+    becomes the state's loss scale, and goes back into the checkpoint as PyTorch wrote it."""
+    net, opt, sched = _torch_run("sgd")
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=2)
+    x, y = BATCHES[0]
+    for poison in (True, False, False, False):  # one overflow, then growth
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(net(torch.tensor(x)), torch.tensor(y).long())
+        scaler.scale(loss * (float("inf") if poison else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+    torch.save(
+        {"model": net.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+         "scaler": scaler.state_dict()},
+        tmp_path / "ckpt.pt",
+    )  # fmt: skip
+    tx, groups = _ours("sgd")
+    state, extras = train.from_torch_checkpoint(
+        tmp_path / "ckpt.pt",
+        Net(),
+        tx,
+        frozen=[FROZEN],
+        param_groups=groups,
+        loss_scale=True,
+    )
+    assert "scaler" not in extras and state.loss_scale is not None
+    assert state.loss_scale.state_dict() == scaler.state_dict()
+    exported = train.to_torch_checkpoint(state, tx, param_groups=groups, extras=extras)
+    assert list(exported) == ["model", "optimizer", "scheduler", "scaler"]
+    fresh = torch.amp.GradScaler("cpu")
+    fresh.load_state_dict(exported["scaler"])
+    assert fresh.state_dict() == scaler.state_dict()
