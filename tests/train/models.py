@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-
 import torch
 
 import flax_registry as fr
