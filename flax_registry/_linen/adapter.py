@@ -18,6 +18,7 @@ import jax
 from .._inputs import Inputs
 from .._node import Node
 from . import record, tree
+from .declare import abstract_mode
 from .module import setup_all
 
 _COMPACT_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*_\d+$")  # flax's names in compact code: Dense_0
@@ -104,9 +105,10 @@ class LinenFrontend:
 
     def abstract_variables(self, module: nn.Module, inputs: Inputs | None = None) -> Any:
         key = jax.random.key(0)
-        if inputs is not None:
-            return jax.eval_shape(lambda: module.init(key, *inputs.args, **inputs.kwargs))
-        return jax.eval_shape(lambda: module.init(key, method=_setup_everything))
+        with abstract_mode():  # parameters as zeros of their shapes: no initializer is traced
+            if inputs is not None:
+                return jax.eval_shape(lambda: module.init(key, *inputs.args, **inputs.kwargs))
+            return jax.eval_shape(lambda: module.init(key, method=_setup_everything))
 
     def init_variables(self, module: nn.Module, key: Any, inputs: Inputs | None = None) -> Any:
         if inputs is not None:
