@@ -80,6 +80,11 @@ def declare_existing(module: Any, name: str, param: Parameter) -> bool:
     return True
 
 
+def x64_enabled() -> bool:
+    """Whether 64-bit types are on (dtypes of initial values depend on it)."""
+    return bool(jax.dtypes.canonicalize_dtype(np.int64) == np.int64)
+
+
 def _initializer_key(init: Callable[..., Any], shape: Any, dtype: Any) -> Hashable | None:
     """What the output shape of `init(key, shape, dtype)` depends on, when it is a plain
     function whose closure and defaults are hashable; None otherwise."""
@@ -93,7 +98,7 @@ def _initializer_key(init: Callable[..., Any], shape: Any, dtype: Any) -> Hashab
         tuple(sorted((init.__kwdefaults__ or {}).items())),
         shape,
         dtype,
-        jax.config.jax_enable_x64,
+        x64_enabled(),
     )
     try:
         hash(key)
