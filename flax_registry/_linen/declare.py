@@ -9,8 +9,9 @@ child); where the shapes differ it declines, and flax's own check runs and raise
 
 `abstract_mode` is for `abstract_variables`: under `jax.eval_shape`, a parameter's value only
 has to have the right shape and dtype, so `declare_abstract` creates a zero of the shape and
-dtype its initializer returns (found by one `eval_shape` per distinct initializer, shape and
-dtype, not one per parameter) and skips flax's per-parameter random key.
+dtype its initializer returns and skips flax's per-parameter random key. That shape and dtype
+are the declared ones for the initializers of the library's own layers (which return exactly
+those), else one `eval_shape` per distinct initializer, shape and dtype (not per parameter).
 """
 
 from __future__ import annotations
@@ -107,14 +108,35 @@ def _initializer_key(init: Callable[..., Any], shape: Any, dtype: Any) -> Hashab
     return key
 
 
+_EXACT_MODULES = ("flax_registry.nn.",)
+_EXACT_FUNCTIONS = frozenset({id(jax.nn.initializers.ones), id(jax.nn.initializers.zeros)})
+
+
+def _declared_is_exact(param: Parameter) -> bool:
+    """Whether the initializer is known to return exactly the declared shape and dtype: the
+    library's own layers' initializers and jax's `ones` / `zeros`, for a floating dtype."""
+    init = param.data
+    module = getattr(init, "__module__", None) or ""
+    known = id(init) in _EXACT_FUNCTIONS or module.startswith(_EXACT_MODULES)
+    if not known or param.shape is None:
+        return False
+    return param.dtype is None or bool(jax.dtypes.issubdtype(param.dtype, np.floating))
+
+
 def _initial_shape(param: Parameter) -> Any:
+    if _declared_is_exact(param):
+        assert param.shape is not None
+        dtype = jax.dtypes.canonicalize_dtype(
+            param.dtype if param.dtype is not None else np.float32
+        )
+        return jax.ShapeDtypeStruct(tuple(param.shape), dtype)
     key = None
     if callable(param.data) and param.shape is not None:
         key = _initializer_key(param.data, param.shape, param.dtype)
     cached = _SHAPES.get(key) if key is not None else None
     if cached is not None:
         return cached
-    out = jax.eval_shape(param.initial_value, jax.random.key(0))
+    out = jax.eval_shape(lambda: param.initial_value(jax.random.key(0)))  # no eager key
     if key is not None:
         if len(_SHAPES) >= _SHAPES_LIMIT:
             _SHAPES.clear()

@@ -411,6 +411,9 @@ class Module(nn.Module):
             method = getattr(self, method)
         fn = _get_unbound_fn(method if callable(method) else self.__call__)
 
+        if fn is setup_all:  # `abstract_variables` / `init_variables`: one pass is enough
+            return super().init_with_output(rngs, *args, method=fn, **kwargs)
+
         def run_and_setup_all(module: nn.Module, *a: Any, **k: Any) -> Any:
             out = fn(module, *a, **k)
             setup_all(module)
