@@ -207,6 +207,15 @@ APPROACHES = {
 }
 
 
+def _pretouch(nbytes: int) -> None:
+    """Touch and free `nbytes` of memory before measuring. On a virtual machine that returns
+    freed guest memory to its host (virtio balloon free page reporting), the first touch of
+    memory another process freed a moment ago faults at the host too, several times slower
+    and at random; every approach alike then starts from memory the host has backed."""
+    block = np.ones(nbytes, np.uint8)
+    del block
+
+
 def child(approach: str, path: str, size: str) -> None:
     import gc
 
@@ -220,11 +229,14 @@ def child(approach: str, path: str, size: str) -> None:
     if approach == "orbax v1":
         from orbax.checkpoint import v1  # noqa: F401
     jax.devices()
+    if os.environ.get("FR_BENCH_PRETOUCH", "1") == "1":
+        _pretouch(Path(path).stat().st_size * 2)
     gc.collect()
     start, result = APPROACHES[approach](Path(path), size)
     wall = time.perf_counter() - start
+    cpu = convert._cpu_seconds() - convert._BEGIN["cpu"]
     peak = convert._high_water_mark() if convert._BEGIN["reset"] else convert._peak_rss()
-    print(json.dumps({"wall": wall, "peak": peak, "base": convert._BEGIN["base"]}))
+    print(json.dumps({"wall": wall, "cpu": cpu, "peak": peak, "base": convert._BEGIN["base"]}))
     del result
 
 
@@ -253,16 +265,27 @@ def spread(values: list[float], fmt: str = "{:.2f}") -> str:
 def table(
     title: str, fmt: str, size_bytes: int, results: dict[str, list[dict[str, float]]]
 ) -> None:
-    floor = float(np.median([r["wall"] for r in results["floor"]]))
+    """Each figure as min / median / max. `x floor`: each run's wall time over the floor's run
+    of the same round (the runs of a round follow each other, so they share the machine's
+    load); `cpu x floor` the same for the CPU time of the process (every thread)."""
+    floors = results["floor"]
     print(f"\n{title} ({fmt}, {size_bytes / 1e9:.2f} GB): min / median / max of each figure")
-    header = f"{'approach':<18} {'wall s':>20} {'x floor':>20} {'extra RSS / file':>20}"
+    header = (
+        f"{'approach':<18} {'wall s':>20} {'x floor':>20} {'cpu s':>20} {'cpu x floor':>20} "
+        f"{'extra RSS / file':>20}"
+    )
     print(header)
     print("-" * len(header))
     for approach, runs in results.items():
         walls = [r["wall"] for r in runs]
-        ratios = [w / floor for w in walls]
+        ratios = [r["wall"] / f["wall"] for r, f in zip(runs, floors)]
+        cpus = [r["cpu"] for r in runs]
+        cpu_ratios = [r["cpu"] / max(f["cpu"], 1e-9) for r, f in zip(runs, floors)]
         extras = [(r["peak"] - r["base"]) / size_bytes for r in runs]
-        print(f"{approach:<18} {spread(walls):>20} {spread(ratios):>20} {spread(extras):>20}")
+        print(
+            f"{approach:<18} {spread(walls):>20} {spread(ratios):>20} {spread(cpus):>20} "
+            f"{spread(cpu_ratios):>20} {spread(extras):>20}"
+        )
 
 
 def main() -> None:
