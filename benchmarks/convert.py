@@ -229,11 +229,18 @@ def _high_water_mark() -> int:
 _BEGIN: dict[str, Any] = {}
 
 
+def _cpu_seconds() -> float:
+    """User + system CPU time of the process so far, every thread included."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _begin() -> float:
     """Start the measurement: the RSS now is the baseline, the high-water mark restarts."""
     gc.collect()
     _BEGIN["base"] = _rss_now()
     _BEGIN["reset"] = _reset_high_water_mark()
+    _BEGIN["cpu"] = _cpu_seconds()
     return time.perf_counter()
 
 
@@ -382,11 +389,16 @@ def child(approach: str, path: str, size: str) -> None:
 
 
 def measure(approach: str, path: Path, size: str) -> dict[str, float]:
+    """One run in a fresh process that imports this checkout's flax_registry."""
+    env = dict(os.environ)
+    repo = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     out = subprocess.run(
         [sys.executable, __file__, "--child", approach, str(path), "--size", size],
         capture_output=True,
         text=True,
         check=False,
+        env=env,
     )
     if out.returncode != 0:
         raise RuntimeError(f"{approach} on {path.name} failed:\n{out.stderr[-3000:]}")

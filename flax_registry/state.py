@@ -54,6 +54,39 @@ def _tree(module: Any, variables: Variables | None) -> Node:
     return frontend_of(module).tree(module, variables)
 
 
+class _TreeView:
+    """The listings the state API needs, over a module tree (`_node`'s walks)."""
+
+    def __init__(self, root: Node) -> None:
+        self.root = root
+
+    def entries(self, prefix: str) -> list[tuple[str, Any, Any]]:
+        return list(state_entries(self.root, prefix))
+
+    def state_dict(self, prefix: str) -> dict[str, Any]:
+        return {key: value for key, _, value in state_entries(self.root, prefix)}
+
+    def members(
+        self, kind: str, prefix: str, recurse: bool, remove_duplicate: bool
+    ) -> Iterator[tuple[str, Any]]:
+        return named_members(self.root, kind, prefix, recurse, remove_duplicate)
+
+    def added_later(self, metadata: Mapping[str, Any] | None) -> list[str]:
+        return list(added_later(self.root, metadata))
+
+    def buffers(self) -> list[tuple[str, Any, Any]]:
+        return [m for _, node in _named_modules(self.root, None, "", True) for m in node.buffers]
+
+
+def _view(module: Any, variables: Variables | None) -> Any:
+    """The listings of `module` over `variables`: from the front-end's structure cache where
+    it has one (no tree is made: one re-fill), else over the tree (one build)."""
+    frontend = frontend_of(module)
+    cached = getattr(frontend, "listing", None)
+    listing = cached(module, variables) if cached is not None else None
+    return listing if listing is not None else _TreeView(_tree(module, variables))
+
+
 # --- the public pure functions --------------------------------------------------------------
 
 
@@ -80,7 +113,7 @@ def named_parameters(
     Returns:
         An iterator of `(dotted name, array)`.
     """
-    return named_members(_tree(module, variables), "parameters", prefix, recurse, remove_duplicate)
+    return _view(module, variables).members("parameters", prefix, recurse, remove_duplicate)
 
 
 def named_parameters_of(
@@ -127,7 +160,7 @@ def named_buffers(
     Returns:
         An iterator of `(dotted name, array)`.
     """
-    return named_members(_tree(module, variables), "buffers", prefix, recurse, remove_duplicate)
+    return _view(module, variables).members("buffers", prefix, recurse, remove_duplicate)
 
 
 def named_buffers_of(
@@ -201,7 +234,7 @@ def state_dict(
     Returns:
         `{dotted key: array}` in PyTorch's order.
     """
-    return {key: value for key, _, value in state_entries(_tree(module, variables), prefix)}
+    return _view(module, variables).state_dict(prefix)
 
 
 def state_dict_of(bound: Any, prefix: str = "") -> dict[str, jax.Array]:
@@ -318,14 +351,14 @@ def load_state_dict(
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"Expected state_dict to be dict-like, got {type(state_dict)}.")
     cls = frontend.display_name(module)
-    root = _tree(module, variables)
-    entries = list(state_entries(root, ""))
+    view = _view(module, variables)
+    entries = view.entries("")
     expected = {key for key, _, _ in entries}
-    optional = set(added_later(root, getattr(state_dict, "_metadata", None)))
+    optional = set(view.added_later(getattr(state_dict, "_metadata", None)))
     missing = [key for key, _, _ in entries if key not in state_dict and key not in optional]
     unexpected = [key for key in state_dict if key not in expected]
     errors: list[str] = []
-    updates: list[tuple[Any, Any]] = []
+    updates: list[tuple[Any, Any, Any]] = []  # (slot, value, dtype to cast to or None)
     for key, slot, current in entries:
         if key not in state_dict:
             continue
@@ -333,7 +366,7 @@ def load_state_dict(
         if tuple(np.shape(value)) != tuple(current.shape):
             errors.append(messages.size_mismatch(key, np.shape(value), current.shape))
             continue
-        updates.append((slot, _cast(value, current.dtype)))
+        updates.append((slot, value, current.dtype))
     if strict:
         if unexpected:
             errors.insert(0, messages.unexpected_keys(unexpected))
@@ -351,27 +384,31 @@ def load_state_dict(
     new_variables = _nested.copy_dicts(variables)
     for key, slot, current in entries:
         if key in optional and key not in state_dict and isinstance(current, jax.ShapeDtypeStruct):
-            updates.append((slot, jnp.zeros(current.shape, current.dtype)))  # a new module's
-    for slot, value in updates:
-        _nested.set_leaf(new_variables, (slot.collection, *slot.path), value)
-    _drop_abstract_non_persistent(new_variables, root)
+            updates.append((slot, jnp.zeros(current.shape, current.dtype), None))  # a new module's
+    for slot, value, dtype in updates:
+        cast = value if dtype is None else _cast(value, dtype)
+        _nested.set_leaf(new_variables, (slot.collection, *slot.path), cast)
+    _drop_abstract_non_persistent(new_variables, view.buffers())
     if in_place:
         frontend.update(module, new_variables)
         return IncompatibleKeys(missing, unexpected)
     return new_variables, IncompatibleKeys(missing, unexpected)
 
 
-def _drop_abstract_non_persistent(variables: dict[str, Any], root: Node) -> None:
+def _drop_abstract_non_persistent(
+    variables: dict[str, Any], buffers: list[tuple[str, Any, Any]]
+) -> None:
     """Abstract non-persistent buffers are dropped: apply recomputes them from their initial
-    value, as PyTorch's `__init__` does (they are never in a state_dict)."""
-    for _, node in _named_modules(root, None, "", True):
-        for _, slot, value in node.buffers:
-            if not slot.persistent and isinstance(value, jax.ShapeDtypeStruct):
-                parent = _nested.get(variables, (slot.collection, *slot.path[:-1]))
-                del parent[slot.path[-1]]
+    value, as PyTorch's `__init__` does (they are never in a state_dict). `buffers`: those of
+    every distinct module."""
+    for _, slot, value in buffers:
+        if not slot.persistent and isinstance(value, jax.ShapeDtypeStruct):
+            parent = _nested.get(variables, (slot.collection, *slot.path[:-1]))
+            del parent[slot.path[-1]]
 
 
 def _cast(value: Any, dtype: Any) -> jax.Array:
     if isinstance(value, jax.Array):
-        return value.astype(dtype)
+        # a JAX array of the model's dtype is used as it is (immutable: nothing to copy)
+        return value if value.dtype == dtype else value.astype(dtype)
     return jnp.asarray(np.asarray(value).astype(dtype, copy=False))

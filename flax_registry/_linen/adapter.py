@@ -14,10 +14,13 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from .._inputs import Inputs
 from .._node import Node
 from . import record, tree
+from .declare import abstract_mode
+from .definition import fingerprint
 from .module import setup_all
 
 _COMPACT_NAME = re.compile(r"^[A-Z][A-Za-z0-9]*_\d+$")  # flax's names in compact code: Dense_0
@@ -41,8 +44,25 @@ _BOUND = (
 )
 
 
-def _setup_everything(module: nn.Module) -> None:
-    setup_all(module)
+_setup_everything = setup_all  # run as init's method: every registry module set up
+
+
+_ABSTRACT: dict[Hashable, tuple[Any, list[Any]]] = {}
+_ABSTRACT_LIMIT = 64
+
+
+def _abstract_key(module: nn.Module) -> Hashable | None:
+    """What the abstract variables of a definition depend on: the definition itself and the
+    dtypes JAX gives (64-bit types on or off); None under a mesh (shardings may differ)."""
+    if module.scope is not None or not jax.sharding.get_abstract_mesh().empty:
+        return None
+    definition = fingerprint(module)
+    if definition is None:
+        return None
+    dtypes = tuple(
+        jax.dtypes.canonicalize_dtype(t) for t in (np.int64, np.float64, np.complex128, int, float)
+    )
+    return (definition, dtypes)
 
 
 class LinenFrontend:
@@ -98,15 +118,37 @@ class LinenFrontend:
         `variables=None`), read into a tree."""
         if variables is not None and module.scope is not None:
             raise TypeError(_BOUND.format(cls=type(module).__name__))
-        bound = module if variables is None else module.bind(variables)
-        target = variables if variables is not None else {}
-        return tree.build(bound, records=records, torch_view=torch_view, target=target)
+        if variables is None:  # a bound module, read as it stands
+            return tree.build(module, records=records, torch_view=torch_view, target={})
+        return tree.read_tree(module, variables, records=records, torch_view=torch_view)
+
+    def listing(self, module: nn.Module, variables: Mapping[str, Any] | None) -> Any:
+        """The state API's listings from the structure cache (`tree.listing`), or None: then
+        read the tree. Not part of the `Frontend` protocol: the state API asks for it."""
+        if variables is None or module.scope is not None:
+            return None
+        return tree.listing(module, variables)
 
     def abstract_variables(self, module: nn.Module, inputs: Inputs | None = None) -> Any:
-        key = jax.random.key(0)
-        if inputs is not None:
-            return jax.eval_shape(lambda: module.init(key, *inputs.args, **inputs.kwargs))
-        return jax.eval_shape(lambda: module.init(key, method=_setup_everything))
+        """`jax.eval_shape` of `init`; without inputs, cached by the definition (see
+        `_abstract_key`): a fresh tree of the same `ShapeDtypeStruct`s each call."""
+        key = _abstract_key(module) if inputs is None else None
+        hit = _ABSTRACT.get(key) if key is not None else None
+        if hit is not None:
+            return jax.tree_util.tree_unflatten(hit[0], hit[1])
+        # the key is made inside the trace: an eager one compiles XLA's seeding once a process
+        with abstract_mode():  # parameters as zeros of their shapes: no initializer is traced
+            if inputs is not None:
+                return jax.eval_shape(
+                    lambda: module.init(jax.random.key(0), *inputs.args, **inputs.kwargs)
+                )
+            out = jax.eval_shape(lambda: module.init(jax.random.key(0), method=_setup_everything))
+        if key is not None:
+            leaves, treedef = jax.tree_util.tree_flatten(out)
+            if len(_ABSTRACT) >= _ABSTRACT_LIMIT:
+                _ABSTRACT.clear()
+            _ABSTRACT[key] = (treedef, leaves)
+        return out
 
     def init_variables(self, module: nn.Module, key: Any, inputs: Inputs | None = None) -> Any:
         if inputs is not None:
@@ -162,12 +204,9 @@ class LinenFrontend:
         return type(layer).__module__.split(".")[0] == "flax"
 
     def cache_key(self, module: nn.Module) -> Hashable | None:
-        module = self.unbound(module)
-        try:
-            hash(module)
-        except TypeError:  # an unhashable field (a config object): no caching
-            return None
-        return module
+        """The definition's fingerprint (`definition.fingerprint`: None where a field holds a
+        value that cannot be vouched for, a config object, an array: no caching)."""
+        return fingerprint(self.unbound(module))
 
     def check_variables(self, module: nn.Module, variables: Any, shapes: Any) -> None:
         """Refuse a variables tree without its collection level (a bare params tree), which

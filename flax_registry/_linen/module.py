@@ -15,6 +15,7 @@ from .. import state
 from .._messages import check_torch_name
 from .._parameter import Parameter, is_array_like, typename
 from .._registry import BUFFERS, PARAMS, Registry, Slot
+from .declare import declare_abstract, declare_existing
 
 if TYPE_CHECKING:
     from ..state import IncompatibleKeys
@@ -184,9 +185,13 @@ class Module(nn.Module):
         if tied is not None:
             registry.parameters[name] = tied
             return
-        if not self.is_initializing() and not self.has_variable(PARAMS, name):
+        if self.is_initializing():
+            if not declare_abstract(self, name, param):
+                self.param(name, param.initial_value)
+        elif not self.has_variable(PARAMS, name):
             self._raise_missing("parameter", name, PARAMS)
-        self.param(name, param.initial_value)
+        elif not declare_existing(self, name, param):
+            self.param(name, param.initial_value)  # flax's own shape check raises its error
         registry.parameters[name] = Slot(
             name, "parameter", PARAMS, (*self._path(), name), trainable=param.trainable
         )
@@ -405,6 +410,9 @@ class Module(nn.Module):
         if isinstance(method, str):
             method = getattr(self, method)
         fn = _get_unbound_fn(method if callable(method) else self.__call__)
+
+        if fn is setup_all:  # `abstract_variables` / `init_variables`: one pass is enough
+            return super().init_with_output(rngs, *args, method=fn, **kwargs)
 
         def run_and_setup_all(module: nn.Module, *a: Any, **k: Any) -> Any:
             out = fn(module, *a, **k)

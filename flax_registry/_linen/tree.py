@@ -21,9 +21,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
+import jax
 
 from .._node import Node
 from .._registry import PARAMS, Kind, Slot
+from . import structure
 from .module import Module, field_children, modules_in, read, registry_of
 from .record import Records
 
@@ -43,7 +45,79 @@ _FLAX_ORDER: dict[type, tuple[str, ...]] = {
     nn.RMSNorm: ("scale",),
 }
 
-BUILDS = {"count": 0}  # module trees built (a test checks that each public call builds one)
+# Module trees built, or re-filled from the structure cache (`structure`): a test checks that
+# each public call reads one tree.
+BUILDS = {"count": 0}
+
+
+def read_tree(
+    module: nn.Module,
+    variables: Mapping[str, Any],
+    *,
+    records: Records | None = None,
+    torch_view: bool = False,
+) -> Node:
+    """The tree of unbound `module` over `variables`: the cached structure of its definition
+    re-filled with these variables' values when it was read before, else built (and its
+    structure cached, see `structure`)."""
+    prepared = None if records else structure.prepare(module, variables, torch_view)
+    if prepared is None:
+        return build(
+            module.bind(variables), records=records, torch_view=torch_view, target=variables
+        )
+    key, leaves = prepared
+    skeleton = structure.lookup(key)
+    values = structure.values_of(skeleton, leaves) if skeleton is not None else None
+    if skeleton is not None and values is not None:
+        BUILDS["count"] += 1
+        return structure.refill(skeleton, values, module, variables)
+    if torch_view:  # the layers kept for the rules must hold no arrays: build over shapes
+        abstract = _abstract(variables)
+        if abstract is not None:
+            same = abstract is variables
+            root = build(module.bind(abstract), torch_view=True, target=abstract)
+            abstract_leaves = leaves if same else jax.tree_util.tree_leaves(abstract)
+            skeleton = structure.skeleton_of(root, abstract, abstract_leaves, torch_view=True)
+            if skeleton is not None:
+                structure.store(key, skeleton)
+                values = structure.values_of(skeleton, leaves)
+                if same:
+                    return root
+                if values is not None:
+                    return structure.refill(skeleton, values, module, variables)
+    root = build(module.bind(variables), records=records, torch_view=torch_view, target=variables)
+    if not torch_view:
+        skeleton = structure.skeleton_of(root, variables, leaves, torch_view=False)
+        if skeleton is not None:
+            structure.store(key, skeleton)
+    return root
+
+
+def listing(module: nn.Module, variables: Mapping[str, Any]) -> structure.Listing | None:
+    """The state API's listings of `module` over `variables` from the structure cache (one
+    re-filled tree); None when the structure is not cached (then read the tree)."""
+    prepared = structure.prepare(module, variables, torch_view=False)
+    if prepared is None:
+        return None
+    key, leaves = prepared
+    skeleton = structure.lookup(key)
+    values = structure.values_of(skeleton, leaves) if skeleton is not None else None
+    if skeleton is None or values is None:
+        return None
+    BUILDS["count"] += 1
+    return structure.Listing(skeleton, values)
+
+
+def _abstract(variables: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """`variables` with every leaf a `jax.ShapeDtypeStruct` (itself when they all are; None
+    when a leaf has no shape and dtype)."""
+    leaves = jax.tree_util.tree_leaves(variables)
+    if all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
+        return variables
+    try:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), variables)
+    except (AttributeError, TypeError):
+        return None
 
 
 def build(

@@ -30,6 +30,7 @@ from jax.sharding import Sharding
 
 from .._shardings import ShardingSpec, sharding_for
 from ._layout import aligned_empty, copy_tiled
+from ._placement import place_from_file
 from ._plan import Part
 from ._source import Source
 
@@ -189,6 +190,8 @@ def place_all(
     block is read on its own (`jax.make_array_from_callback`). Memory in flight: `workers`
     tensors besides the output.
     """
+    if place_from_file(source, tasks, done, workers, _whole, _sharded):
+        return  # a checkpoint file: read straight into the arrays (see `_placement`)
     workers = workers or min(4, os.cpu_count() or 1)
     queue: collections.deque[tuple[Task, Future[np.ndarray] | None]] = collections.deque()
     pending = iter(tasks)

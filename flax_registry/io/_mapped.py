@@ -7,12 +7,21 @@ are ever loaded, and closing the reader never invalidates an array it returned.
 A :class:`MappedFile` is safe to share between threads: the first read opens and maps the file
 under a lock (so concurrent first reads map it once, and no thread's descriptor is ever closed
 under another), and later reads only take views of the one immutable mapping.
+
+Whole tensors are read with :meth:`MappedFile.read_into` instead: ``preadv`` from one shared
+descriptor straight into memory the caller owns, one copy from the page cache, with no page of
+the mapping touched (so no page faults on it and nothing to release). The descriptor is
+counted: ``close`` closes it only once no read is using it, so no thread ever reads a
+descriptor number that another file has been given meanwhile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import math
 import mmap
+import os
 import threading
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,6 +30,8 @@ import numpy as np
 
 from ._dtypes import to_native
 from ._errors import CLOSED, CheckpointError
+
+HAS_PREADV = hasattr(os, "preadv")
 
 
 class TensorFile(Protocol):
@@ -40,6 +51,8 @@ class TensorFile(Protocol):
 
     def view(self, key: str) -> np.ndarray: ...
 
+    def extent(self, key: str) -> Extent | None: ...
+
     def release(self) -> None: ...
 
     def close(self) -> None: ...
@@ -54,6 +67,8 @@ class MappedFile:
         self._mmap: mmap.mmap | None = None
         self._closed = False
         self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._fd_users = 0
 
     def _mapping(self) -> mmap.mmap:
         """The mapping, created by the first caller (under the lock; later calls are lock-free)."""
@@ -80,6 +95,52 @@ class MappedFile:
             )
         return np.frombuffer(self._mapping(), dtype=np.uint8, count=length, offset=offset)
 
+    def _acquire_fd(self) -> int:
+        with self._lock:
+            if self._closed:
+                raise CheckpointError(CLOSED.format(path=self.path))
+            if self._fd is None:
+                self._fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            self._fd_users += 1
+            return self._fd
+
+    def _release_fd(self) -> None:
+        with self._lock:
+            self._fd_users -= 1
+            if self._closed and self._fd_users == 0 and self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+
+    def read_into(self, offset: int, out: memoryview) -> None:
+        """Copy the ``len(out)`` bytes at ``offset`` into ``out`` (a writable, contiguous byte
+        buffer) straight from the file: ``preadv`` where the OS has it, else from the mapping."""
+        length = out.nbytes
+        if self._closed:
+            raise CheckpointError(CLOSED.format(path=self.path))
+        if offset < 0 or offset + length > self.size:
+            raise CheckpointError(
+                f"{self.path}: read of {length} bytes at {offset} is outside the file"
+            )
+        if length == 0:
+            return
+        target = out.cast("B")
+        if not HAS_PREADV:
+            target[:] = self.bytes_at(offset, length).data
+            return
+        fd = self._acquire_fd()
+        try:
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [target[done:]], offset + done)
+                if n <= 0:
+                    raise CheckpointError(
+                        f"{self.path}: the file ended after {offset + done} bytes while reading "
+                        f"{length} bytes at {offset} (it was truncated after it was opened)"
+                    )
+                done += n
+        finally:
+            self._release_fd()
+
     def release(self) -> None:
         """Drop the mapped pages from this process's resident memory (`MADV_DONTNEED`); they
         stay in the OS page cache, and a later read maps them back in."""
@@ -93,10 +154,34 @@ class MappedFile:
         with self._lock:
             self._closed = True
             mapped, self._mmap = self._mmap, None
+            if self._fd is not None and self._fd_users == 0:
+                os.close(self._fd)
+                self._fd = None
         if mapped is not None:
             # BufferError: a view is still referenced somewhere; GC unmaps it later.
             with contextlib.suppress(BufferError):
                 mapped.close()
+
+
+@dataclasses.dataclass(frozen=True)
+class Extent:
+    """Where the bytes of a C-contiguous tensor lie in its file: from ``offset``, ``shape`` of
+    ``dtype`` (the dtype reads return), stored in the file's ``byteorder``."""
+
+    file: MappedFile
+    offset: int
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    byteorder: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per index of the first axis (the whole tensor for a scalar)."""
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
 
 
 def typed_view(raw: np.ndarray, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:

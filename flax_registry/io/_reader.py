@@ -39,7 +39,7 @@ from ._errors import (
     short_repr,
 )
 from ._lazy import LazyTensor
-from ._mapped import TensorFile
+from ._mapped import Extent, TensorFile
 from ._safetensors import SafetensorsFile
 from ._torch_zip import TorchZipFile
 
@@ -239,6 +239,12 @@ class CheckpointReader(Mapping[str, LazyTensor]):
         the file's byte order is not the machine's). Unlike `read`, it is not checksummed and
         is valid only until `close()`: copy what you keep. Index it to touch only some pages."""
         return self._owner(key).view(key)
+
+    def extent(self, key: str) -> Extent | None:
+        """Where the tensor's bytes lie in its file when they are C-contiguous (None for a
+        strided or compressed tensor): what `flax_registry.io.read_rows` reads from, straight
+        into memory the caller owns, one range of rows at a time (several threads may)."""
+        return self._owner(key).extent(key)
 
     def release(self) -> None:
         """Drop the pages earlier reads and views touched from this process's resident memory

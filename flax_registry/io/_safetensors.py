@@ -40,8 +40,9 @@ from ._errors import (
     missing_key_message,
     short_repr,
 )
+from ._fast_read import read_whole
 from ._layout import coverage_problem, shape_problem
-from ._mapped import MappedFile, copy_out, native_view, normalize_index, typed_view
+from ._mapped import Extent, MappedFile, copy_out, native_view, normalize_index, typed_view
 
 HEADER_LIMIT = 100_000_000
 """The largest JSON header the safetensors format accepts (the Rust library's limit)."""
@@ -217,9 +218,13 @@ class SafetensorsFile:
         raw = self._map.bytes_at(self._data_start + entry.begin, entry.end - entry.begin)
         return typed_view(raw, file_view_dtype(entry.dtype, "little"), entry.shape)
 
-    def read(self, key: str) -> np.ndarray:
+    def extent(self, key: str) -> Extent:
         entry = self._entry(key)
-        return copy_out(self._view(entry), entry.dtype)
+        return Extent(self._map, self._data_start + entry.begin, entry.shape, entry.dtype, "little")
+
+    def read(self, key: str) -> np.ndarray:
+        """The whole tensor, read straight from the file into a fresh array (one copy)."""
+        return read_whole(self.extent(key))
 
     def read_slice(self, key: str, index: Any) -> np.ndarray:
         entry = self._entry(key)

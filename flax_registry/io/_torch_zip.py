@@ -46,8 +46,9 @@ from ._errors import (
     missing_key_message,
     short_repr,
 )
+from ._fast_read import read_whole
 from ._layout import byte_strides, strided_problem
-from ._mapped import MappedFile, copy_out, native_view, normalize_index
+from ._mapped import Extent, MappedFile, copy_out, native_view, normalize_index
 from ._state_dict import select_state_dict
 from ._unpickler import Storage, StorageType, StoredTensor, unpickle
 
@@ -68,6 +69,17 @@ def parse_version(raw: bytes) -> int | None:
         return None
     value = int(text[:digits])
     return (-value) % 2**64 if negative else value
+
+
+def _contiguous_strides(shape: tuple[int, ...], stride: tuple[int, ...]) -> tuple[int, ...]:
+    """`stride` where it is C-contiguous for `shape` (a dimension of size 1 may have any
+    stride); anything else where it is not."""
+    out: list[int] = []
+    step = 1
+    for d, s in zip(reversed(shape), reversed(stride)):
+        out.append(s if d == 1 else step)
+        step *= d
+    return tuple(reversed(out))
 
 
 class TorchZipFile:
@@ -286,12 +298,47 @@ class TorchZipFile:
         assert dtype is not None
         return dtype
 
+    def extent(self, key: str) -> Extent | None:
+        """Where a C-contiguous tensor's bytes lie in the file; None for a strided tensor or a
+        compressed storage (those are read through the mapping)."""
+        t = self._get(key)
+        assert t.dtype is not None
+        if t.numel and tuple(t.stride) != _contiguous_strides(t.shape, t.stride):
+            return None
+        info = self._storages[t.storage.key]
+        if t.storage.key not in self._offsets:
+            start = self._archive.data_start(info)
+            self._offsets[t.storage.key] = (
+                start if info.compress_type == zipfile.ZIP_STORED else None
+            )
+        offset = self._offsets[t.storage.key]
+        if offset is None:
+            return None
+        start = offset + t.offset * t.dtype.itemsize if t.numel else offset
+        return Extent(self._map, start, t.shape, t.dtype, self._byteorder)
+
     def read(self, key: str) -> np.ndarray:
         """The whole tensor. Checks the storage's CRC-32 when the tensor spans all of it."""
         t = self._get(key)
         assert t.dtype is not None
         covers = t.numel * t.dtype.itemsize == t.storage.nbytes
-        return copy_out(self._view(t, verify=covers), t.dtype)
+        extent = self.extent(key) if t.numel else None
+        if extent is None:
+            return copy_out(self._view(t, verify=covers), t.dtype)
+        check = None
+        if covers and t.storage.key not in self._verified:
+            info = self._storages[t.storage.key]
+
+            def check(crc: int) -> None:
+                if crc != info.CRC:
+                    raise CheckpointError(
+                        ZIP_CORRUPT_ENTRY.format(
+                            path=self.path, entry=info.filename, problem="CRC-32 mismatch"
+                        )
+                    )
+                self._verified.add(t.storage.key)
+
+        return read_whole(extent, check=check)
 
     def read_slice(self, key: str, index: Any) -> np.ndarray:
         t = self._get(key)

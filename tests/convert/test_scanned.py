@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flax_registry.convert import Scanned, from_torch, to_torch
+from flax_registry.convert import Scanned, _placement, from_torch, to_torch
 from flax_registry.convert._source import Source
 from flax_registry.io import save_safetensors
 from tests.convert._decoder import Config, Decoder, forbid_reads, forward, run, twin
@@ -76,6 +76,23 @@ def test_from_a_sharded_directory_one_layer_at_a_time(
         return out
 
     monkeypatch.setattr(Source, "read_slice", counting)
+    # The file path reads by rows: each piece's extent, its rows added up per key.
+    keys: dict[int, str] = {}
+    by_rows: dict[str, int] = {}
+    extent, read_rows = _placement._extent, _placement.read_rows
+
+    def planned(reader: Any, piece: Any) -> Any:
+        found = extent(reader, piece)
+        if found is not None:
+            keys[id(found)] = piece.key
+        return found
+
+    def rows(found: Any, start: int, stop: int, out: np.ndarray) -> None:
+        read_rows(found, start, stop, out)
+        by_rows[keys[id(found)]] = by_rows.get(keys[id(found)], 0) + out.size
+
+    monkeypatch.setattr(_placement, "_extent", planned)
+    monkeypatch.setattr(_placement, "read_rows", rows)
     model = ScannedDecoder(C, remat=True)  # nn.scan(nn.remat(Block)): rules follow the MRO
     variables, report = from_torch(
         model, tmp_path, example_inputs=(_ids(),), rules=RULES, tied=TIED
@@ -83,6 +100,7 @@ def test_from_a_sharded_directory_one_layer_at_a_time(
     assert report.ok, report
     shapes = {k: v.size for k, v in numpy_state(torch_model.state_dict()).items()}
     # Every scanned key is read once, on its own: no read spans two layers.
+    reads += list(by_rows.items())
     layer_reads = [(k, n) for k, n in reads if k.startswith("layers.")]
     assert sorted(k for k, _ in layer_reads) == sorted(k for k in shapes if k.startswith("layers."))
     assert all(n == shapes[k] for k, n in layer_reads)

@@ -1,0 +1,180 @@
+"""Placing a conversion's variables straight from the checkpoint file, in parallel.
+
+For a checkpoint file (`flax_registry.io.CheckpointReader`), each flax variable is made in the
+buffer that becomes its array: `io.owned_empty` (64-byte aligned, so `jax.device_put` on CPU
+adopts it without a copy). Its torch tensor is read in ranges of rows with `io.read_rows`
+(`preadv`: one copy from the page cache, nothing of the file mapped):
+
+- a variable stored as torch stores it (any reshape, same dtype) is read directly into the
+  output, in chunks of `DIRECT_CHUNK` bytes;
+- a layout change (transpose, flip) or a cast goes through a cache-sized chunk of rows
+  (`LAYOUT_CHUNK`), laid out into its part of the output with `copy_tiled`, while other
+  threads read the next chunks: the transposes are blocked and multi-threaded.
+
+Chunks of every variable go to one bounded thread pool (reads and NumPy copies release the
+GIL); the variables are handed to `done` in order, each as soon as its chunks are done, while
+later ones are read. Memory: the output plus one chunk per thread (plus, on accelerators,
+the variables read ahead and not yet transferred, at most `AHEAD` bytes). Variables the
+file path cannot serve (a sharding, a strided or compressed tensor, a part of a fused tensor
+along another axis than the first) go through the caller's own functions in the same order.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+import os
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import jax
+import numpy as np
+
+from ..io import CheckpointReader, Extent, owned_empty, read_rows
+from ._layout import copy_tiled
+
+DIRECT_CHUNK = 16 << 20
+"""Bytes a worker reads at once into an output stored in torch's layout."""
+
+LAYOUT_CHUNK = 1 << 20
+"""Bytes of torch rows a worker reads at once before laying them out (a transpose's tile)."""
+
+AHEAD = 512 << 20
+"""At most this many bytes of variables read ahead of the one handed to `done`."""
+
+
+@dataclasses.dataclass
+class _Pending:
+    task: Any
+    nbytes: int
+    out: np.ndarray | None = None
+    futures: list[Future[Any]] = dataclasses.field(default_factory=list)
+    single: Future[Any] | None = None  # the caller's own path, in a worker
+
+
+def _extent(reader: CheckpointReader, piece: Any) -> Extent | None:
+    """The file extent of the piece's tensor when the row path can place it, else None."""
+    if piece.offset is not None and piece.offset[0] != 0:
+        return None  # a part of a fused tensor along another axis: not whole rows
+    extent = reader.extent(piece.key)
+    torch_shape = tuple(piece.part.torch_shape)
+    if extent is None or len(extent.shape) != len(torch_shape) or not torch_shape:
+        return None  # a scalar is read whole by the caller's path
+    if extent.shape[1:] != torch_shape[1:]:
+        return None
+    return extent
+
+
+def _extents(reader: CheckpointReader, task: Any) -> list[Extent] | None:
+    """One extent per piece of the task (a stacked variable has several), or None when one
+    of them cannot be placed by rows (the caller's path then reads the whole variable)."""
+    if task.sharding is not None:
+        return None
+    extents = [_extent(reader, piece) for piece in task.pieces]
+    return None if any(e is None for e in extents) else extents  # type: ignore[return-value]
+
+
+def _jobs(extent: Extent, piece: Any, out: np.ndarray) -> list[Callable[[], None]]:
+    """The chunks that fill `out` (the piece's part of the flax variable: the whole variable,
+    or a view of its slice) from the torch tensor at `extent`."""
+    layout = piece.part.layout
+    split = layout.split_shape(tuple(piece.part.shape))
+    groups = layout.groups(len(split))
+    inner = math.prod(split[g] for g in groups[0][1:]) if groups and groups[0] else 1
+    start = piece.offset[1] if piece.offset is not None else 0
+    outer = split[0] if split else 1
+    moves = layout.perm is not None or bool(layout.flip)
+    torch_shape = tuple(piece.part.torch_shape)
+    torch_rest = torch_shape[1:]
+    if not moves and out.dtype == extent.dtype and out.flags.c_contiguous:  # straight in
+        flat = out.reshape(torch_shape)
+        per = max(1, DIRECT_CHUNK // max(1, extent.row_bytes))
+        rows = torch_shape[0]
+
+        def direct(a: int, b: int) -> Callable[[], None]:
+            return lambda: read_rows(extent, start + a, start + b, flat[a:b])
+
+        return [direct(a, min(rows, a + per)) for a in range(0, rows, per)]
+    k0 = layout.perm.index(0) if layout.perm is not None else 0
+    k0 = layout.perm.index(0) if layout.perm is not None else 0
+    row_bytes = max(1, inner * extent.row_bytes)
+    per = max(1, LAYOUT_CHUNK // row_bytes)
+
+    def laid_out(a: int, b: int) -> Callable[[], None]:
+        def run() -> None:
+            rows = np.empty(((b - a) * inner, *torch_rest), extent.dtype)
+            read_rows(extent, start + a * inner, start + b * inner, rows)
+            x = rows.reshape((b - a, *split[1:]))
+            if layout.perm is not None:
+                x = np.transpose(x, layout.perm)
+            if layout.flip:
+                x = np.flip(x, layout.flip)
+            lo, hi = (outer - b, outer - a) if k0 in layout.flip else (a, b)
+            copy_tiled(out[(slice(None),) * k0 + (slice(lo, hi),)], x)
+
+        return run
+
+    return [laid_out(a, min(outer, a + per)) for a in range(0, outer, per)]
+
+
+def place_from_file(
+    source: Any,
+    tasks: Sequence[Any],
+    done: Callable[[Any, jax.Array], None],
+    workers: int | None,
+    whole: Callable[[Any, Any], np.ndarray],
+    sharded: Callable[[Any, Any], jax.Array],
+) -> bool:
+    """Place `tasks` as `_sharding.place_all` does, reading from the file where it can;
+    False (nothing done) when `source` is not a checkpoint file. `whole(source, task)` and
+    `sharded(source, task)` are the caller's paths for the variables this one cannot place."""
+    reader = getattr(source, "mapping", None)
+    if not isinstance(reader, CheckpointReader):
+        return False
+    workers = workers or min(8, os.cpu_count() or 1)
+    window: collections.deque[_Pending] = collections.deque()
+    pending = iter(tasks)
+    ahead = 0
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="from_torch")
+    try:
+
+        def submit() -> bool:
+            nonlocal ahead
+            task = next(pending, None)
+            if task is None:
+                return False
+            nbytes = math.prod(task.shape) * np.dtype(task.dtype).itemsize
+            item = _Pending(task, nbytes)
+            extents = _extents(reader, task)
+            if extents is not None:
+                item.out = owned_empty(tuple(task.shape), np.dtype(task.dtype))
+                for extent, piece in zip(extents, task.pieces):
+                    view = piece.part.take(item.out)
+                    item.futures += [pool.submit(job) for job in _jobs(extent, piece, view)]
+            elif task.sharding is None:
+                item.single = pool.submit(whole, source, task)
+            window.append(item)
+            ahead += nbytes
+            return True
+
+        while (len(window) < 2 or ahead < AHEAD) and submit():
+            pass
+        while window:
+            item = window.popleft()
+            ahead -= item.nbytes
+            if item.out is not None:
+                for future in item.futures:
+                    future.result()
+                array = jax.device_put(item.out)
+            elif item.single is not None:
+                array = jax.device_put(item.single.result())
+            else:
+                array = sharded(source, item.task)
+            done(item.task, array)
+            while (len(window) < 2 or ahead < AHEAD) and submit():
+                pass
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return True

@@ -1,0 +1,104 @@
+"""Reading tensors at the speed of memory: straight from the file into memory the array owns.
+
+A plain read of a memory-mapped tensor copies twice in effect: the mapping's pages fault in
+(the process's page tables fill, its RSS grows by the file) and numpy copies them out. Here a
+tensor's bytes go from the OS page cache (or the disk) into the destination buffer with one
+``preadv`` (:meth:`._mapped.MappedFile.read_into`); nothing of the file is mapped, so nothing
+has to be released, and the destination can be the final array itself (`owned_empty`: 64-byte
+aligned, which `jax.device_put` on CPU adopts without a copy).
+
+Reads go by rows (ranges of the first axis), so one large tensor can be read by several
+threads at once and a layout change (a transpose) can work on a cache-sized chunk while the
+next one is read. `fix_native` then makes the bytes what every other read returns: bools
+canonical (a byte other than 0 or 1 is True, stored as 1, as torch's ``copy_`` does) and the
+machine's byte order.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import zlib
+from collections.abc import Callable
+
+import numpy as np
+
+from ._mapped import Extent
+
+ALIGN = 64
+"""XLA's CPU client adopts host buffers aligned to 64 bytes instead of copying them."""
+
+
+def owned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """An uninitialised, C-contiguous, 64-byte-aligned array that owns its memory (NumPy's
+    allocator, which advises large buffers onto transparent huge pages on Linux)."""
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + ALIGN, np.uint8)
+    start = -raw.ctypes.data % ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
+def _bytes_of(out: np.ndarray) -> memoryview:
+    """The writable bytes of a C-contiguous array (any dtype, ml_dtypes included)."""
+    if not out.flags.c_contiguous or not out.flags.writeable:
+        raise ValueError("reads go into a writable, C-contiguous array")
+    return out.reshape(-1).view(np.uint8).data
+
+
+def fix_native(out: np.ndarray, byteorder: str) -> None:
+    """In place: the raw file bytes in `out` as the reader's arrays hold them (canonical bools,
+    the machine's byte order)."""
+    if out.dtype == np.bool_:
+        raw = out.view(np.uint8)
+        np.not_equal(raw, 0, out=out)
+        return
+    itemsize = out.dtype.itemsize
+    if byteorder == sys.byteorder or itemsize == 1 or out.size == 0:
+        return
+    unit = itemsize // 2 if out.dtype.kind == "c" else itemsize  # complex: each part
+    out.reshape(-1).view(np.dtype(f"u{unit}")).byteswap(inplace=True)
+
+
+def read_rows(extent: Extent, start: int, stop: int, out: np.ndarray, *, raw: bool = False) -> None:
+    """Rows ``[start, stop)`` of the tensor's first axis (the whole tensor for a scalar) into
+    `out`, a C-contiguous array of its dtype and of that many rows, ready to use (with `raw`,
+    the file's bytes as they are: `fix_native` them after checking a checksum)."""
+    rows = stop - start
+    expected = (rows, *extent.shape[1:]) if extent.shape else ()
+    if out.dtype != extent.dtype or tuple(out.shape) != expected:
+        raise ValueError(
+            f"read_rows: rows {start}:{stop} of a {extent.shape} {extent.dtype} tensor need an "
+            f"array of shape {expected}, got {out.shape} {out.dtype}"
+        )
+    if out.size == 0:
+        return
+    extent.file.read_into(extent.offset + start * extent.row_bytes, _bytes_of(out))
+    if not raw:
+        fix_native(out, extent.byteorder)
+
+
+def read_whole(
+    extent: Extent, out: np.ndarray | None = None, *, check: Callable[[int], None] | None = None
+) -> np.ndarray:
+    """The whole tensor, read into `out` (default: a fresh `owned_empty` array). `check`, when
+    given, receives the CRC-32 of the file's bytes before they are made native."""
+    if out is None:
+        out = owned_empty(extent.shape, extent.dtype)
+    read_rows(extent, 0, rows_of(extent), out, raw=True)
+    if check is not None:
+        check(zlib.crc32(_bytes_of(out)) if out.size else 0)
+    fix_native(out, extent.byteorder)
+    return out
+
+
+def rows_of(extent: Extent) -> int:
+    """The length of the first axis (1 for a scalar)."""
+    return extent.shape[0] if extent.shape else 1
+
+
+def row_chunks(extent: Extent, target: int) -> list[tuple[int, int]]:
+    """The first axis cut into row ranges of about `target` bytes (at least one row each)."""
+    rows = rows_of(extent)
+    per = max(1, target // max(1, extent.row_bytes))
+    return [(a, min(rows, a + per)) for a in range(0, rows, per)] or [(0, 0)]
