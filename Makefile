@@ -18,7 +18,7 @@ example: $(STAMP)
 	$(PY) examples/parameter_vs_buffer.py
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check flax_registry tests examples benchmarks
