@@ -19,7 +19,7 @@ import numpy as np
 from .._inputs import Inputs
 from .._node import Node
 from . import record, tree
-from .declare import abstract_mode
+from .declare import abstract_mode, declared_init
 from .definition import fingerprint
 from .module import setup_all
 
@@ -136,13 +136,23 @@ class LinenFrontend:
         hit = _ABSTRACT.get(key) if key is not None else None
         if hit is not None:
             return jax.tree_util.tree_unflatten(hit[0], hit[1])
-        # the key is made inside the trace: an eager one compiles XLA's seeding once a process
-        with abstract_mode():  # parameters as zeros of their shapes: no initializer is traced
-            if inputs is not None:
-                return jax.eval_shape(
-                    lambda: module.init(jax.random.key(0), *inputs.args, **inputs.kwargs)
+        out = None
+        if inputs is None and module.scope is None:
+            try:  # declared, traced nothing; its torch view is kept for the conversion
+                out, bound = declared_init(module, setup_all)
+                tree.remember_torch_view(module, out, bound)
+            except Exception:  # what only a traced init can do: trace it (errors raise there)
+                out = None
+        if out is None:
+            # the key is made inside the trace: an eager one compiles XLA's seeding
+            with abstract_mode():  # parameters as zeros of their shapes: no initializer traced
+                if inputs is not None:
+                    return jax.eval_shape(
+                        lambda: module.init(jax.random.key(0), *inputs.args, **inputs.kwargs)
+                    )
+                out = jax.eval_shape(
+                    lambda: module.init(jax.random.key(0), method=_setup_everything)
                 )
-            out = jax.eval_shape(lambda: module.init(jax.random.key(0), method=_setup_everything))
         if key is not None:
             leaves, treedef = jax.tree_util.tree_flatten(out)
             if len(_ABSTRACT) >= _ABSTRACT_LIMIT:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Hashable, Iterator
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import errors
 from flax.core import meta
@@ -36,19 +37,25 @@ _SHAPES_LIMIT = 4096
 
 
 @contextlib.contextmanager
-def abstract_mode() -> Iterator[None]:
-    """Within: parameters created by `register_parameter` are zeros of their initializer's
-    shape and dtype (for `jax.eval_shape` of `init`, whose values nobody reads)."""
-    previous = getattr(_ABSTRACT, "on", False)
-    _ABSTRACT.on = True
+def abstract_mode(kind: str = "traced") -> Iterator[None]:
+    """Within: parameters created by `register_parameter` stand for their initial values:
+    zeros of their shape and dtype (`"traced"`, for `jax.eval_shape` of `init`, whose values
+    nobody reads), or the `jax.ShapeDtypeStruct` itself (`"declared"`, for `declared_init`,
+    which traces nothing); buffers too in the declared mode."""
+    previous = getattr(_ABSTRACT, "kind", None)
+    _ABSTRACT.kind = kind
     try:
         yield
     finally:
-        _ABSTRACT.on = previous
+        _ABSTRACT.kind = previous
 
 
 def in_abstract_mode() -> bool:
-    return bool(getattr(_ABSTRACT, "on", False))
+    return getattr(_ABSTRACT, "kind", None) is not None
+
+
+def declared_mode() -> bool:
+    return getattr(_ABSTRACT, "kind", None) == "declared"
 
 
 def _bookkeeping(module: Any, name: str) -> None:
@@ -123,7 +130,8 @@ def _declared_is_exact(param: Parameter) -> bool:
     return param.dtype is None or bool(jax.dtypes.issubdtype(param.dtype, np.floating))
 
 
-def _initial_shape(param: Parameter) -> Any:
+def initial_shape(param: Parameter) -> Any:
+    """The shape and dtype of the parameter's initial value (see the module docstring)."""
     if _declared_is_exact(param):
         assert param.shape is not None
         dtype = jax.dtypes.canonicalize_dtype(
@@ -145,17 +153,71 @@ def _initial_shape(param: Parameter) -> Any:
 
 
 def declare_abstract(module: Any, name: str, param: Parameter) -> bool:
-    """In abstract mode, create the parameter as zeros of its initial value's shape and dtype;
-    False (nothing done) outside abstract mode or for a value zeros cannot stand for."""
+    """In abstract mode, create the parameter as zeros of its initial value's shape and dtype
+    (in the declared mode: as its `jax.ShapeDtypeStruct`); False (nothing done) outside
+    abstract mode or for a value zeros cannot stand for."""
     if not in_abstract_mode() or not module.is_initializing():
         return False
-    if not callable(param.data) or module.has_variable(PARAMS, name):
+    if module.has_variable(PARAMS, name):
         return False
-    aval = _initial_shape(param)
-    if not isinstance(aval, jax.ShapeDtypeStruct) or aval.weak_type:
+    declared = declared_mode()  # the struct itself stands for the value: any value will do
+    if not declared and not callable(param.data):
         return False
-    if jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended):
+    aval = initial_shape(param)
+    if not isinstance(aval, jax.ShapeDtypeStruct):
         return False
+    if not declared and (aval.weak_type or jax.dtypes.issubdtype(aval.dtype, jax.dtypes.extended)):
+        return False  # zeros cannot stand for it
     _bookkeeping(module, name)
-    module.scope.put_variable(PARAMS, name, jax.lax.full(aval.shape, 0, aval.dtype))
+    value = aval if declared else jax.lax.full(aval.shape, 0, aval.dtype)
+    module.scope.put_variable(PARAMS, name, value)
     return True
+
+
+def abstract_buffer(
+    tensor: Any, init: Callable[[], Any], shape: Any = None, dtype: Any = None
+) -> Callable[[], Any]:
+    """In the declared mode, a buffer's initial value as a `jax.ShapeDtypeStruct`: what
+    `jnp.asarray` of a registered array gives (its dtype as JAX canonicalises it, a JAX
+    array's weak type kept), else `jax.eval_shape` of the initializer (a flax-style
+    `init(key, shape, dtype)` with a key made inside the trace: nothing is drawn); `init`
+    otherwise."""
+    if not declared_mode():
+        return init
+    if isinstance(tensor, jax.Array):
+        return lambda: jax.ShapeDtypeStruct(tensor.shape, tensor.dtype, weak_type=tensor.weak_type)
+    if isinstance(tensor, np.ndarray | np.generic):
+        canonical = jax.dtypes.canonicalize_dtype(tensor.dtype)
+        return lambda: jax.ShapeDtypeStruct(np.shape(tensor), canonical)
+    if callable(tensor) and shape is not None:
+        return lambda: jax.eval_shape(
+            lambda: tensor(jax.random.key(0), tuple(shape), dtype or jnp.float32)
+        )
+    return lambda: jax.eval_shape(init)
+
+
+class _Unsupported(Exception):
+    """The declaration pass met something only a traced `init` can do."""
+
+
+def declared_init(module: Any, setup_all: Callable[[Any], None]) -> tuple[dict[str, Any], Any]:
+    """`jax.eval_shape(lambda: module.init(key, method=setup_all))` without tracing: the
+    module bound to an empty, mutable scope flagged as initialising (as `init` binds it),
+    every registry module set up with its parameters and buffers declared as
+    `jax.ShapeDtypeStruct`s. Returns the abstract variables and the bound module (its tree
+    is read from it). Raises when the model does what only a traced `init` can (a flax
+    layer's own `self.param`, which needs an rng, or anything the pass cannot vouch for):
+    the caller then traces."""
+    from flax.core import freeze, unfreeze
+    from flax.core import scope as core_scope
+
+    root = core_scope.bind({}, rngs=None, mutable=True, flags={"initializing": True})
+    bound = module.clone(parent=root, _deep_clone=True)
+    with abstract_mode("declared"):
+        setup_all(bound)
+    variables = unfreeze(freeze(root.mutable_variables()))
+    variables.pop("intermediates", None)  # `init` leaves them out
+    leaves = jax.tree_util.tree_leaves(variables)
+    if not all(isinstance(leaf, jax.ShapeDtypeStruct) for leaf in leaves):
+        raise _Unsupported("a value was computed")
+    return variables, bound

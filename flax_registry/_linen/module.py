@@ -15,7 +15,7 @@ from .. import state
 from .._messages import check_torch_name
 from .._parameter import Parameter, is_array_like, typename
 from .._registry import BUFFERS, PARAMS, Registry, Slot
-from .declare import declare_abstract, declare_existing
+from .declare import abstract_buffer, declare_abstract, declare_existing, initial_shape
 
 if TYPE_CHECKING:
     from ..state import IncompatibleKeys
@@ -224,7 +224,7 @@ class Module(nn.Module):
                 f"cannot assign '{typename(tensor)}' object to buffer '{name}' "
                 "(array, initializer or None required)"
             )
-        init = self._buffer_init(tensor, shape, dtype)
+        init = abstract_buffer(tensor, self._buffer_init(tensor, shape, dtype), shape, dtype)
         slot = Slot(name, "buffer", BUFFERS, (*self._path(), name), persistent=persistent)
         registry.buffers[name] = slot
         if self.is_initializing() or self.has_variable(BUFFERS, name):
@@ -312,7 +312,7 @@ class Module(nn.Module):
             relative = f"{local}.{relative}"
             if relative in registry.ties:
                 source = _resolve_parameter(parent, registry.ties[relative])
-                expected = jax.eval_shape(param.initial_value, jax.random.key(0)).shape
+                expected = initial_shape(param).shape
                 actual = jnp.shape(read(parent, source))
                 if expected != actual:
                     raise ValueError(

@@ -108,6 +108,21 @@ def listing(module: nn.Module, variables: Mapping[str, Any]) -> structure.Listin
     return structure.Listing(skeleton, values)
 
 
+def remember_torch_view(module: nn.Module, variables: Mapping[str, Any], bound: nn.Module) -> None:
+    """Cache the torch view of `bound` (`module` bound to the abstract `variables`, set up by
+    `declare.declared_init`), so that the conversion that asked for the abstract variables
+    does not set the model up a second time. Not counted as a build: no call read it yet."""
+    prepared = structure.prepare(module, variables, torch_view=True)
+    if prepared is None:
+        return
+    key, leaves = prepared
+    root = _Builder().module_node(bound)
+    _TorchView(root, {}, variables).fill(root)
+    skeleton = structure.skeleton_of(root, variables, leaves, torch_view=True)
+    if skeleton is not None:
+        structure.store(key, skeleton)
+
+
 def _abstract(variables: Mapping[str, Any]) -> Mapping[str, Any] | None:
     """`variables` with every leaf a `jax.ShapeDtypeStruct` (itself when they all are; None
     when a leaf has no shape and dtype)."""
