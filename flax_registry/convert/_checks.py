@@ -143,8 +143,9 @@ def incomplete(
             if p.select:
                 selected.add((p.collection, p.path))
     scan_of = {k: f"{s.rule} at '{s.prefix}'" for s in plan.scans for ks in s.layers for k in ks}
-    for ident in selected:
-        keys = by_variable[ident]
+    for ident, keys in by_variable.items():  # in state_dict order: the same message each run
+        if ident not in selected:
+            continue
         left = [k for k in keys if k in skipped]
         if left and len(left) < len(keys):
             e = plan.entries[keys[0]]

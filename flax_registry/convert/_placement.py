@@ -25,6 +25,7 @@ import collections
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -98,13 +99,12 @@ def _jobs(extent: Extent, piece: Any, out: np.ndarray) -> list[Callable[[], None
 
         return [direct(a, min(rows, a + per)) for a in range(0, rows, per)]
     k0 = layout.perm.index(0) if layout.perm is not None else 0
-    k0 = layout.perm.index(0) if layout.perm is not None else 0
     row_bytes = max(1, inner * extent.row_bytes)
     per = max(1, LAYOUT_CHUNK // row_bytes)
 
     def laid_out(a: int, b: int) -> Callable[[], None]:
         def run() -> None:
-            rows = np.empty(((b - a) * inner, *torch_rest), extent.dtype)
+            rows = _scratch(((b - a) * inner, *torch_rest), extent.dtype)
             read_rows(extent, start + a * inner, start + b * inner, rows)
             x = rows.reshape((b - a, *split[1:]))
             if layout.perm is not None:
@@ -117,6 +117,19 @@ def _jobs(extent: Extent, piece: Any, out: np.ndarray) -> list[Callable[[], None
         return run
 
     return [laid_out(a, min(outer, a + per)) for a in range(0, outer, per)]
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """This thread's reusable chunk buffer, as an uninitialised array of `shape`: a fresh
+    allocation per chunk would map and fault in new pages for every megabyte read."""
+    nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+    buffer = getattr(_SCRATCH, "buffer", None)
+    if buffer is None or buffer.size < nbytes:
+        buffer = _SCRATCH.buffer = np.empty(max(nbytes, LAYOUT_CHUNK), np.uint8)
+    return buffer[:nbytes].view(dtype).reshape(shape)
 
 
 def place_from_file(
