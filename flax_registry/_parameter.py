@@ -81,3 +81,22 @@ def typename(x: Any) -> str:
     if module == "builtins":
         return cls.__qualname__
     return f"{module.split('.')[0]}.{cls.__qualname__}"
+
+
+def check_parameter(name: str, param: Any) -> None:
+    """`register_parameter`'s type check: PyTorch's TypeError for anything but a `Parameter`
+    (a bare array included, as for a plain tensor). `None` is checked by the caller."""
+    if not isinstance(param, Parameter):
+        raise TypeError(
+            f"cannot assign '{typename(param)}' object to parameter '{name}' "
+            "(flax_registry.Parameter or None required)"
+        )
+
+
+def check_buffer(name: str, tensor: Any) -> None:
+    """`register_buffer`'s type check: an array or an initializer (`None` is the caller's)."""
+    if not (is_array_like(tensor) or callable(tensor)):
+        raise TypeError(
+            f"cannot assign '{typename(tensor)}' object to buffer '{name}' "
+            "(array, initializer or None required)"
+        )

@@ -13,7 +13,7 @@ from flax.linen.module import _get_unbound_fn
 
 from .. import state
 from .._messages import check_torch_name
-from .._parameter import Parameter, is_array_like, typename
+from .._parameter import Parameter, check_buffer, check_parameter, is_array_like, typename
 from .._registry import BUFFERS, PARAMS, Registry, Slot
 from .declare import abstract_buffer, declare_abstract, declare_existing, initial_shape
 
@@ -176,11 +176,7 @@ class Module(nn.Module):
         if param is None:
             registry.parameters[name] = None
             return
-        if not isinstance(param, Parameter):
-            raise TypeError(
-                f"cannot assign '{typename(param)}' object to parameter '{name}' "
-                "(flax_registry.Parameter or None required)"
-            )
+        check_parameter(name, param)
         tied = self._tied_source(name, param)
         if tied is not None:
             registry.parameters[name] = tied
@@ -219,11 +215,7 @@ class Module(nn.Module):
         if tensor is None:
             registry.buffers[name] = None
             return
-        if not (is_array_like(tensor) or callable(tensor)):
-            raise TypeError(
-                f"cannot assign '{typename(tensor)}' object to buffer '{name}' "
-                "(array, initializer or None required)"
-            )
+        check_buffer(name, tensor)
         init = abstract_buffer(tensor, self._buffer_init(tensor, shape, dtype), shape, dtype)
         slot = Slot(name, "buffer", BUFFERS, (*self._path(), name), persistent=persistent)
         registry.buffers[name] = slot

@@ -4,50 +4,32 @@
 from __future__ import annotations
 
 import flax.linen as nn
-import numpy as np
 
 from ..convert._einsum import einsum_bias_layout, einsum_kernel_layout
 from ..convert._layer_layouts import (
-    NUM_BATCHES_REASON,
+    EMBED_RULE,
     MultiHeadAttentionRule,
+    batch_norm_rule,
     conv_layout,
     conv_transpose_layout,
     dense_general_bias_layout,
     dense_general_layout,
+    linear_rule,
+    norm_rule,
 )
-from ..convert._layout import LINEAR
-from ..convert._rules import BATCH_STATS, BUILTIN_RULES, Map, Rule, TorchOnly
-
-
-def _norm_rule() -> Rule:
-    return Rule(Map("weight", "scale"), Map("bias", "bias"))
-
+from ..convert._rules import BATCH_STATS, BUILTIN_RULES, Rule
 
 LINEN_RULES: dict[type, Rule] = {
-    nn.Dense: Rule(Map("weight", "kernel", layout=LINEAR), Map("bias", "bias")),
-    nn.DenseGeneral: Rule(
-        Map("weight", "kernel", layout=dense_general_layout),
-        Map("bias", "bias", layout=dense_general_bias_layout),
-    ),
-    nn.Einsum: Rule(
-        Map("weight", "kernel", layout=einsum_kernel_layout),
-        Map("bias", "bias", layout=einsum_bias_layout),
-    ),
-    nn.Conv: Rule(Map("weight", "kernel", layout=conv_layout), Map("bias", "bias")),
-    nn.ConvTranspose: Rule(
-        Map("weight", "kernel", layout=conv_transpose_layout), Map("bias", "bias")
-    ),
-    nn.BatchNorm: Rule(
-        Map("weight", "scale"),
-        Map("bias", "bias"),
-        Map("running_mean", "mean", collection=BATCH_STATS),
-        Map("running_var", "var", collection=BATCH_STATS),
-        TorchOnly("num_batches_tracked", "mean", np.zeros((), np.int64), NUM_BATCHES_REASON),
-    ),
-    nn.LayerNorm: _norm_rule(),
-    nn.GroupNorm: _norm_rule(),
-    nn.RMSNorm: _norm_rule(),
-    nn.Embed: Rule(Map("weight", "embedding")),
+    nn.Dense: linear_rule(),
+    nn.DenseGeneral: linear_rule(dense_general_layout, dense_general_bias_layout),
+    nn.Einsum: linear_rule(einsum_kernel_layout, einsum_bias_layout),
+    nn.Conv: linear_rule(conv_layout),
+    nn.ConvTranspose: linear_rule(conv_transpose_layout),
+    nn.BatchNorm: batch_norm_rule(BATCH_STATS),
+    nn.LayerNorm: norm_rule(),
+    nn.GroupNorm: norm_rule(),
+    nn.RMSNorm: norm_rule(),
+    nn.Embed: EMBED_RULE,
     nn.MultiHeadDotProductAttention: MultiHeadAttentionRule(),
 }
 

@@ -20,7 +20,7 @@ from flax import nnx
 
 from .. import state
 from .._messages import check_torch_name
-from .._parameter import Parameter, is_array_like, typename
+from .._parameter import Parameter, check_buffer, check_parameter, is_array_like, typename
 from .variables import Buffer
 
 if TYPE_CHECKING:
@@ -74,11 +74,7 @@ class Module(nnx.Module):
         if param is None:
             super().__setattr__(name, None)
             return
-        if not isinstance(param, Parameter):
-            raise TypeError(
-                f"cannot assign '{typename(param)}' object to parameter '{name}' "
-                "(flax_registry.Parameter or None required)"
-            )
+        check_parameter(name, param)
         key = (
             jax.random.key(0) if is_array_like(param.data) else _key(rngs, "parameter", name, self)
         )
@@ -103,19 +99,14 @@ class Module(nnx.Module):
         if tensor is None:
             super().__setattr__(name, None)
             return
+        check_buffer(name, tensor)
         if is_array_like(tensor):
             value = jnp.asarray(tensor)
-        elif callable(tensor):
-            if shape is None:
-                value = jnp.asarray(tensor())
-            else:
-                key = _key(rngs, "buffer", name, self)
-                value = jnp.asarray(tensor(key, tuple(shape), dtype or jnp.float32))
+        elif shape is None:
+            value = jnp.asarray(tensor())
         else:
-            raise TypeError(
-                f"cannot assign '{typename(tensor)}' object to buffer '{name}' "
-                "(array, initializer or None required)"
-            )
+            key = _key(rngs, "buffer", name, self)
+            value = jnp.asarray(tensor(key, tuple(shape), dtype or jnp.float32))
         setattr(self, name, Buffer(value, persistent=persistent))
 
     def register_module(self, name: str, module: nnx.Module | None) -> None:

@@ -6,17 +6,19 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 from flax import nnx
 
 from ..convert._layer_layouts import (
-    NUM_BATCHES_REASON,
+    EMBED_RULE,
     MultiHeadAttentionRule,
+    batch_norm_rule,
     conv_layout,
     conv_transpose_layout,
+    linear_rule,
+    norm_rule,
 )
-from ..convert._layout import LINEAR, Layout
-from ..convert._rules import BATCH_STATS, BUILTIN_RULES, Map, Rule, TorchOnly
+from ..convert._layout import Layout
+from ..convert._rules import BATCH_STATS, BUILTIN_RULES, Rule
 
 
 def linear_general_layout(module: Any, shape: tuple[int, ...]) -> Layout:
@@ -36,31 +38,16 @@ def linear_general_bias_layout(module: Any, shape: tuple[int, ...]) -> Layout:
     return Layout(merge=(len(shape),))
 
 
-def _norm_rule() -> Rule:
-    return Rule(Map("weight", "scale"), Map("bias", "bias"))
-
-
 NNX_RULES: dict[type, Rule] = {
-    nnx.Linear: Rule(Map("weight", "kernel", layout=LINEAR), Map("bias", "bias")),
-    nnx.LinearGeneral: Rule(
-        Map("weight", "kernel", layout=linear_general_layout),
-        Map("bias", "bias", layout=linear_general_bias_layout),
-    ),
-    nnx.Conv: Rule(Map("weight", "kernel", layout=conv_layout), Map("bias", "bias")),
-    nnx.ConvTranspose: Rule(
-        Map("weight", "kernel", layout=conv_transpose_layout), Map("bias", "bias")
-    ),
-    nnx.BatchNorm: Rule(
-        Map("weight", "scale"),
-        Map("bias", "bias"),
-        Map("running_mean", "mean", collection=BATCH_STATS),
-        Map("running_var", "var", collection=BATCH_STATS),
-        TorchOnly("num_batches_tracked", "mean", np.zeros((), np.int64), NUM_BATCHES_REASON),
-    ),
-    nnx.LayerNorm: _norm_rule(),
-    nnx.GroupNorm: _norm_rule(),
-    nnx.RMSNorm: _norm_rule(),
-    nnx.Embed: Rule(Map("weight", "embedding")),
+    nnx.Linear: linear_rule(),
+    nnx.LinearGeneral: linear_rule(linear_general_layout, linear_general_bias_layout),
+    nnx.Conv: linear_rule(conv_layout),
+    nnx.ConvTranspose: linear_rule(conv_transpose_layout),
+    nnx.BatchNorm: batch_norm_rule(BATCH_STATS),
+    nnx.LayerNorm: norm_rule(),
+    nnx.GroupNorm: norm_rule(),
+    nnx.RMSNorm: norm_rule(),
+    nnx.Embed: EMBED_RULE,
     nnx.MultiHeadAttention: MultiHeadAttentionRule(),
 }
 

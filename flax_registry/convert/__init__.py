@@ -11,6 +11,7 @@ numbered layers as one `(L, ...)` array per variable) and `Child` (a renamed sub
 
 from .._inputs import Inputs as Inputs
 from ._einsum import einsum_layout as einsum_layout
+from ._export import to_torch as to_torch
 from ._layer_layouts import MultiHeadAttentionRule as MultiHeadAttentionRule
 from ._layer_layouts import conv_layout as conv_layout
 from ._layer_layouts import conv_transpose_layout as conv_transpose_layout
@@ -30,7 +31,6 @@ from ._rules import find_rule as find_rule
 from ._rules import register_rule as register_rule
 from ._rules import unregister_rule as unregister_rule
 from ._translate import from_torch as from_torch
-from ._translate import to_torch as to_torch
 
 __all__ = [
     "IDENTITY",

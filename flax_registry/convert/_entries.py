@@ -1,6 +1,6 @@
 """The conversion plan's data: every torch key of a model (`Entry`) and the flax variables
 behind it (`Part`s, each with its `Layout`), in `state_dict` order (`Plan`). `_plan.make_plan`
-builds one, `_translate` reads and writes through it.
+builds one, `_translate` reads and `_export` writes through it.
 
 A torch key may be one slice of a flax variable (`Part.select`): a `Stacked` rule's keys are
 the slices of one array along a new axis, a `Scanned` module's layer i the slices at index i

@@ -10,8 +10,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
+
 from .._registry import PARAMS
-from ._layout import IDENTITY, Layout
+from ._layout import IDENTITY, LINEAR, Layout
 from ._rules import Extra, Fused, LayerVariables, Map, Resolved, Rule, TorchOnly
 
 # --- layouts that depend on the layer ----------------------------------------------------------
@@ -111,3 +113,35 @@ NUM_BATCHES_REASON = (
     "flax BatchNorm keeps no batch counter (torch uses it only with momentum=None); "
     "its value is kept in LoadReport.extras and written back by to_torch(..., report=)"
 )
+
+
+# --- the rules both front-ends' standard layers share ------------------------------------------
+
+
+def linear_rule(kernel: Any = None, bias: Any = IDENTITY) -> Rule:
+    """A layer with torch's `weight` as flax's `kernel` (a Dense, Conv, Einsum ...), laid out
+    by `kernel` (torch Linear's (out, in) <-> (in, out) by default) and an optional bias."""
+    return Rule(
+        Map("weight", "kernel", layout=LINEAR if kernel is None else kernel),
+        Map("bias", "bias", layout=bias),
+    )
+
+
+def norm_rule() -> Rule:
+    """LayerNorm / GroupNorm / RMSNorm: torch's `weight` is flax's `scale`."""
+    return Rule(Map("weight", "scale"), Map("bias", "bias"))
+
+
+def batch_norm_rule(stats: str) -> Rule:
+    """BatchNorm: the affine parameters, the running statistics in collection `stats`, and
+    torch's `num_batches_tracked`, which flax does not keep (see `NUM_BATCHES_REASON`)."""
+    return Rule(
+        Map("weight", "scale"),
+        Map("bias", "bias"),
+        Map("running_mean", "mean", collection=stats),
+        Map("running_var", "var", collection=stats),
+        TorchOnly("num_batches_tracked", "mean", np.zeros((), np.int64), NUM_BATCHES_REASON),
+    )
+
+
+EMBED_RULE = Rule(Map("weight", "embedding"))

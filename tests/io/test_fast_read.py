@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 
 from flax_registry.io import CheckpointError, open_checkpoint, owned_empty, read_rows
 from flax_registry.io._mapped import copy_out
+from tests.io._samples import sample
 
 DTYPES = [
     torch.float32,
@@ -40,21 +41,12 @@ DTYPES = [
 IDS = [str(d).removeprefix("torch.") for d in DTYPES]
 
 
-def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=g) > 0.5
-    if dtype.is_floating_point or dtype.is_complex:
-        return (torch.randn(shape, generator=g) * 3).to(dtype)
-    return torch.randint(0, 100, shape, generator=g).to(dtype)
-
-
 def _state(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {
-        "w": _sample(dtype, (37, 5), 0),
-        "scalar": _sample(dtype, (), 1),
-        "empty": _sample(dtype, (0, 3), 2),
-        "cube": _sample(dtype, (3, 4, 6), 3),
+        "w": sample(dtype, (37, 5), 0),
+        "scalar": sample(dtype, (), 1),
+        "empty": sample(dtype, (0, 3), 2),
+        "cube": sample(dtype, (3, 4, 6), 3),
     }
 
 
@@ -115,10 +107,10 @@ def _rewrite(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
 
 def test_big_endian_rows_are_byteswapped(tmp_path: Path) -> None:
     state = {
-        "f": _sample(torch.float32, (9, 4), 0),
-        "h": _sample(torch.bfloat16, (9, 4), 1),
-        "c": _sample(torch.complex64, (9, 4), 2),
-        "d": _sample(torch.float64, (9,), 3),
+        "f": sample(torch.float32, (9, 4), 0),
+        "h": sample(torch.bfloat16, (9, 4), 1),
+        "c": sample(torch.complex64, (9, 4), 2),
+        "d": sample(torch.float64, (9,), 3),
     }
     torch.save(state, tmp_path / "le.pt")
     swapped = {"byteorder": b"big"}

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flax_registry.io import CheckpointError, open_checkpoint, parse_size, save_safetensors
+from tests.io._samples import sample
 
 TORCH_DTYPES = [
     torch.float32,
@@ -36,21 +37,12 @@ TORCH_DTYPES = [
 IDS = [str(d).removeprefix("torch.") for d in TORCH_DTYPES]
 
 
-def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=g) > 0.5
-    if dtype.is_floating_point or dtype.is_complex:
-        return (torch.randn(shape, generator=g) * 3).to(dtype)
-    return torch.randint(0, 100, shape, generator=g).to(dtype)
-
-
 def _tensors(dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {
-        "w": _sample(dtype, (4, 6), 0),
-        "scalar": _sample(dtype, (), 1),
-        "empty": _sample(dtype, (0, 3), 2),
-        "b": _sample(dtype, (5,), 3),
+        "w": sample(dtype, (4, 6), 0),
+        "scalar": sample(dtype, (), 1),
+        "empty": sample(dtype, (0, 3), 2),
+        "b": sample(dtype, (5,), 3),
     }
 
 
@@ -134,8 +126,8 @@ def test_save_streams_one_tensor_at_a_time(tmp_path: Path) -> None:
 
 
 def test_sharded_write_and_read_back(tmp_path: Path) -> None:
-    tensors = {f"layer{i}.weight": _sample(torch.float32, (16, 8), i) for i in range(5)}
-    tensors["tiny"] = _sample(torch.int64, (3,), 9)
+    tensors = {f"layer{i}.weight": sample(torch.float32, (16, 8), i) for i in range(5)}
+    tensors["tiny"] = sample(torch.int64, (3,), 9)
     arrays = {k: t.numpy() for k, t in tensors.items()}
     written = save_safetensors(
         arrays, tmp_path / "model.safetensors", max_shard_size=600, metadata={"k": "v"}

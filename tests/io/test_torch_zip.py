@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from flax_registry.io import CheckpointError, ForbiddenGlobalError, open_checkpoint
+from tests.io._samples import sample
 
 
 def assert_same(arr: np.ndarray, t: torch.Tensor) -> None:
@@ -69,22 +70,13 @@ DTYPES = [
 ]
 
 
-def _sample(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    if dtype == torch.bool:
-        return torch.rand(shape, generator=g) > 0.5
-    if dtype.is_floating_point or dtype.is_complex:
-        return (torch.randn(shape, generator=g) * 3).to(dtype)
-    return torch.randint(0, 100, shape, generator=g).to(dtype)
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_dtypes_scalars_and_empty_match_torch(tmp_path: Path, dtype: torch.dtype) -> None:
     sd = {
-        "matrix": _sample(dtype, (3, 5), 0),
-        "scalar": _sample(dtype, (), 1),
-        "empty": _sample(dtype, (0, 4), 2),
-        "vector": _sample(dtype, (7,), 3),
+        "matrix": sample(dtype, (3, 5), 0),
+        "scalar": sample(dtype, (), 1),
+        "empty": sample(dtype, (0, 4), 2),
+        "vector": sample(dtype, (7,), 3),
     }
     torch.save(sd, tmp_path / "w.pt")
     assert_matches_torch(tmp_path / "w.pt")
@@ -308,7 +300,7 @@ def test_missing_and_short_storage(saved: Path, tmp_path: Path) -> None:
 
 def test_big_endian_archive(tmp_path: Path) -> None:
     sd = {
-        k: _sample(d, (3, 4), i)
+        k: sample(d, (3, 4), i)
         for i, (k, d) in enumerate(
             [
                 ("f", torch.float32),
