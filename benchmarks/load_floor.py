@@ -296,6 +296,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="*", default=["safetensors", "bin"])
     parser.add_argument("--targets", nargs="*", default=["torch", "flax"])
     parser.add_argument("--dir", help="reuse the checkpoint files in this directory")
+    parser.add_argument(
+        "--approaches", nargs="*", help="measure only these (the floor is always measured)"
+    )
     args = parser.parse_args()
     if args.child:
         child(args.child[0], args.child[1], args.size)
@@ -324,6 +327,8 @@ def main() -> None:
                 names = TORCH_LAYOUT if target == "torch" else FLAX_LAYOUT
                 skip = BIN_ONLY if fmt == "safetensors" else SAFETENSORS_ONLY
                 names = [n for n in names if n not in skip]
+                if args.approaches:
+                    names = [n for n in names if n == "floor" or n in args.approaches]
                 results: dict[str, list[dict[str, float]]] = {n: [] for n in names}
                 for _ in range(args.repeat):
                     for name in names:

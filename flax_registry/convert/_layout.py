@@ -8,10 +8,11 @@ is bit-identical. The copy helpers move data between layouts in cache-sized tile
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Sequence
 
 import numpy as np
+
+from ..io import owned_empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,17 +78,10 @@ class Layout:
         return np.reshape(x, self.torch_shape(np.shape(array)))
 
 
-_ALIGN = 64  # XLA's CPU client adopts (does not copy) host buffers aligned to 64 bytes
-
-
 def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """An uninitialised C-contiguous array whose data is 64-byte aligned, so that
-    `jax.device_put` on CPU takes it over without another copy."""
-    dtype = np.dtype(dtype)
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + _ALIGN, np.uint8)
-    start = -raw.ctypes.data % _ALIGN
-    return raw[start : start + nbytes].view(dtype).reshape(shape)
+    `jax.device_put` on CPU takes it over without another copy (`io.owned_empty`)."""
+    return owned_empty(tuple(shape), dtype)
 
 
 def copy_tiled(out: np.ndarray, x: np.ndarray) -> None:
