@@ -115,15 +115,23 @@ def mixed() -> tuple[Mixed, Any, dict[str, torch.Tensor]]:
     return model, abstract, state  # the layer types are remembered for `model` from here on
 
 
-@pytest.mark.parametrize("chunk", [None, 40], ids=["default-chunks", "tiny-chunks"])
+@pytest.mark.parametrize(
+    "chunk, rows", [(None, None), (40, None), (None, 3)], ids=["default", "tiny-chunks", "3-rows"]
+)
 def test_file_placement_equals_mapped_placement(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mixed: Any, chunk: int | None
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    mixed: Any,
+    chunk: int | None,
+    rows: int | None,
 ) -> None:
     model, abstract, state = mixed
     if chunk is not None:  # cut every tensor into many chunks, rows not a multiple
         monkeypatch.setattr(_placement, "DIRECT_CHUNK", chunk)
         monkeypatch.setattr(_placement, "LAYOUT_CHUNK", chunk)
         monkeypatch.setattr(_placement, "AHEAD", 3 * chunk)
+    if rows is not None:  # layout chunks of 3 rows at most: ragged, whatever their bytes
+        monkeypatch.setattr(_placement, "LAYOUT_ROWS", rows)
     rows_read: list[str] = []
     read_rows = _placement.read_rows
 

@@ -171,6 +171,19 @@ def test_arrays_are_aligned_and_own_their_memory(tmp_path: Path) -> None:
     assert float(out.sum()) == 2100.0  # still valid after close
 
 
+def test_kept_arrays_start_on_a_huge_page() -> None:
+    from flax_registry.io._fast_read import HUGE_MIN, HUGE_PAGE
+
+    for shape in [(HUGE_MIN // 4,), (1024, 4099), (7, 3)]:
+        plain = owned_empty(shape, np.dtype(np.float32))
+        kept = owned_empty(shape, np.dtype(np.float32), huge_pages=True)
+        big = kept.nbytes >= HUGE_MIN
+        assert kept.ctypes.data % (HUGE_PAGE if big else 64) == 0, shape
+        assert plain.ctypes.data % 64 == 0 and kept.shape == plain.shape == shape
+        kept[...] = 1.5  # all of it writable, and owned by the array's base
+        assert float(kept.sum()) == 1.5 * kept.size and kept.base is not None
+
+
 def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
