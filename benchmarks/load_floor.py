@@ -28,6 +28,7 @@ Flax-layout target (`nn.Dense` kernels transposed):
 
     python benchmarks/load_floor.py                 # ~3 GB in /tmp, ~6 GB RAM
     python benchmarks/load_floor.py --size small --repeat 3
+    python benchmarks/load_floor.py --targets flax --approaches "fr flax-layout"  # + the floor
 """
 
 from __future__ import annotations
