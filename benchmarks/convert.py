@@ -258,10 +258,10 @@ def run_floor(path: Path, size: str) -> Any:
 
 def run_floor_layout(path: Path, size: str) -> Any:
     """The floor plus the transposes a conversion cannot avoid: every tensor copied once from the
-    memory-mapped file into its flax layout (Dense kernels transposed, with the same tiled copy
-    as the conversion), in one thread, with no model, no checks and no device placement."""
-    from flax_registry.convert._layout import aligned_empty, copy_tiled
-    from flax_registry.io import open_checkpoint
+    memory-mapped file into its flax layout (Dense kernels transposed, with `copy_tiled`, as
+    `to_torch` lays them out), in one thread, with no model, no checks and no device placement."""
+    from flax_registry.convert._layout import copy_tiled
+    from flax_registry.io import open_checkpoint, owned_empty
 
     start = _begin()
     out = {}
@@ -270,7 +270,7 @@ def run_floor_layout(path: Path, size: str) -> Any:
             view = reader.view(key)
             if view.ndim == 2 and "embeddings" not in key:
                 view = view.T
-            out[key] = aligned_empty(view.shape, view.dtype)
+            out[key] = owned_empty(view.shape, view.dtype)
             copy_tiled(out[key], view)
             reader.release()
     return start, out

@@ -1,8 +1,8 @@
 """`Layout`: how a torch tensor's data becomes a flax variable's, exactly, and back.
 
 A layout is a reshape, a transpose and a flip: pure data movement, so torch -> flax -> torch
-is bit-identical. The copy helpers move data between layouts in cache-sized tiles into
-64-byte-aligned buffers (which `jax.device_put` adopts on CPU without another copy).
+is bit-identical. `copy_tiled` moves data between layouts in cache-sized tiles (into the
+64-byte-aligned buffers of `io.owned_empty`, which `jax.device_put` adopts on CPU).
 """
 
 from __future__ import annotations
@@ -11,8 +11,6 @@ import dataclasses
 from collections.abc import Sequence
 
 import numpy as np
-
-from ..io import owned_empty
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,12 +74,6 @@ class Layout:
             copy_tiled(out, x)
             x = out
         return np.reshape(x, self.torch_shape(np.shape(array)))
-
-
-def aligned_empty(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
-    """An uninitialised C-contiguous array whose data is 64-byte aligned, so that
-    `jax.device_put` on CPU takes it over without another copy (`io.owned_empty`)."""
-    return owned_empty(tuple(shape), dtype)
 
 
 def copy_tiled(out: np.ndarray, x: np.ndarray) -> None:

@@ -29,7 +29,8 @@ import numpy as np
 from jax.sharding import Sharding
 
 from .._shardings import ShardingSpec, sharding_for
-from ._layout import aligned_empty, copy_tiled
+from ..io import owned_empty
+from ._layout import copy_tiled
 from ._placement import place_from_file
 from ._plan import Part
 from ._source import Source
@@ -60,7 +61,7 @@ def read_block(
     read from torch tensor `key` (whose part starts at `offset = (torch axis, start)` when
     several flax variables share the tensor), in `dtype`."""
     shape = tuple(b - a for a, b in _ranges(index, part.shape))
-    out = aligned_empty(shape, dtype)
+    out = owned_empty(tuple(shape), dtype)
     _read_into(out, source, key, part, offset, index)
     return out
 
@@ -146,7 +147,7 @@ def read_variable_block(source: Source, task: Task, index: tuple[Any, ...]) -> n
     """Block `index` of the task's whole variable: each piece whose fixed indices lie in the
     block is read (only its range) into its place; the others are not touched."""
     rng = _ranges(index, task.shape)
-    out = aligned_empty(tuple(b - a for a, b in rng), task.dtype)
+    out = owned_empty(tuple(b - a for a, b in rng), task.dtype)
     stacked = len(task.pieces) > 1
     for piece in task.pieces:
         fixed = piece.part.fixed()

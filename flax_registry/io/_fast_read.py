@@ -111,10 +111,3 @@ def read_whole(
 def rows_of(extent: Extent) -> int:
     """The length of the first axis (1 for a scalar)."""
     return extent.shape[0] if extent.shape else 1
-
-
-def row_chunks(extent: Extent, target: int) -> list[tuple[int, int]]:
-    """The first axis cut into row ranges of about `target` bytes (at least one row each)."""
-    rows = rows_of(extent)
-    per = max(1, target // max(1, extent.row_bytes))
-    return [(a, min(rows, a + per)) for a in range(0, rows, per)] or [(0, 0)]

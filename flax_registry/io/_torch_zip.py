@@ -21,6 +21,7 @@ then decompresses its whole storage.
 
 from __future__ import annotations
 
+import functools
 import zipfile
 import zlib
 from collections.abc import Callable, Mapping
@@ -248,23 +249,33 @@ class TorchZipFile:
                 ZIP_BAD_TENSOR.format(path=self.path, entry=info.filename, problem=problem)
             )
 
-    def _storage_bytes(self, key: str, *, verify: bool) -> np.ndarray:
-        info = self._storages[key]
+    def _storage_offset(self, key: str) -> int | None:
+        """Where storage `key`'s bytes start in the file; None for a compressed entry."""
         if key not in self._offsets:
+            info = self._storages[key]
             start = self._archive.data_start(info)
             self._offsets[key] = start if info.compress_type == zipfile.ZIP_STORED else None
-        offset = self._offsets[key]
+        return self._offsets[key]
+
+    def _verify(self, key: str, crc: int) -> None:
+        """Check the CRC-32 of storage `key`'s bytes against the archive's (once per storage)."""
+        info = self._storages[key]
+        if crc != info.CRC:
+            raise CheckpointError(
+                ZIP_CORRUPT_ENTRY.format(
+                    path=self.path, entry=info.filename, problem="CRC-32 mismatch"
+                )
+            )
+        self._verified.add(key)
+
+    def _storage_bytes(self, key: str, *, verify: bool) -> np.ndarray:
+        info = self._storages[key]
+        offset = self._storage_offset(key)
         if offset is None:  # compressed entry: zipfile decompresses and checks the CRC
             return np.frombuffer(self._archive.read(info), dtype=np.uint8)
         raw = self._map.bytes_at(offset, info.file_size)
         if verify and key not in self._verified:
-            if zlib.crc32(raw.data) != info.CRC:
-                raise CheckpointError(
-                    ZIP_CORRUPT_ENTRY.format(
-                        path=self.path, entry=info.filename, problem="CRC-32 mismatch"
-                    )
-                )
-            self._verified.add(key)
+            self._verify(key, zlib.crc32(raw.data))
         return raw
 
     def _view(self, t: StoredTensor, *, verify: bool) -> np.ndarray:
@@ -305,13 +316,7 @@ class TorchZipFile:
         assert t.dtype is not None
         if t.numel and tuple(t.stride) != _contiguous_strides(t.shape, t.stride):
             return None
-        info = self._storages[t.storage.key]
-        if t.storage.key not in self._offsets:
-            start = self._archive.data_start(info)
-            self._offsets[t.storage.key] = (
-                start if info.compress_type == zipfile.ZIP_STORED else None
-            )
-        offset = self._offsets[t.storage.key]
+        offset = self._storage_offset(t.storage.key)
         if offset is None:
             return None
         start = offset + t.offset * t.dtype.itemsize if t.numel else offset
@@ -327,17 +332,7 @@ class TorchZipFile:
             return copy_out(self._view(t, verify=covers), t.dtype)
         check = None
         if covers and t.storage.key not in self._verified:
-            info = self._storages[t.storage.key]
-
-            def check(crc: int) -> None:
-                if crc != info.CRC:
-                    raise CheckpointError(
-                        ZIP_CORRUPT_ENTRY.format(
-                            path=self.path, entry=info.filename, problem="CRC-32 mismatch"
-                        )
-                    )
-                self._verified.add(t.storage.key)
-
+            check = functools.partial(self._verify, t.storage.key)
         return read_whole(extent, check=check)
 
     def read_slice(self, key: str, index: Any) -> np.ndarray:

@@ -275,13 +275,14 @@ def test_layout_inverts_and_blocks_map_back(layout_shape: Any, data: Any) -> Non
 def test_strip_copy_equals_plain_copy(shape: Any, perm: Any, flip: Any, dtype: Any) -> None:
     import ml_dtypes
 
-    from flax_registry.convert._layout import aligned_empty, copy_tiled
+    from flax_registry.convert._layout import copy_tiled
+    from flax_registry.io import owned_empty
 
     dt = np.dtype(ml_dtypes.bfloat16) if dtype == "bfloat16" else np.dtype(dtype)
     source = np.arange(np.prod(shape)).reshape(shape).astype(dt)
     x = np.flip(np.transpose(source, perm), flip) if flip else np.transpose(source, perm)
     for out_dtype in (dt, np.dtype(np.float32)):
-        out = aligned_empty(x.shape, out_dtype)
+        out = owned_empty(x.shape, out_dtype)
         assert out.ctypes.data % 64 == 0
         copy_tiled(out, x)
         np.testing.assert_array_equal(out, np.asarray(x, order="C").astype(out_dtype))
