@@ -11,6 +11,7 @@ read a tensor's rows straight from the file into memory the caller owns (``owned
 
 from ._errors import CheckpointError as CheckpointError
 from ._errors import ForbiddenGlobalError as ForbiddenGlobalError
+from ._fast_read import RowChunks as RowChunks
 from ._fast_read import owned_empty as owned_empty
 from ._fast_read import read_rows as read_rows
 from ._lazy import LazyTensor as LazyTensor
@@ -28,6 +29,7 @@ __all__ = [
     "Extent",
     "ForbiddenGlobalError",
     "LazyTensor",
+    "RowChunks",
     "TorchObject",
     "load_torch_object",
     "open_checkpoint",

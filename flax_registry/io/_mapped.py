@@ -23,6 +23,7 @@ import math
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -32,6 +33,35 @@ from ._dtypes import to_native
 from ._errors import CLOSED, CheckpointError
 
 HAS_PREADV = hasattr(os, "preadv")
+
+
+def _iov_max() -> int:
+    """Buffers one ``preadv`` may fill (Linux: 1024; POSIX promises at least 16)."""
+    try:
+        n = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, OSError, ValueError):  # no sysconf, or no such name
+        return 16
+    return min(1024, n) if n > 0 else 16
+
+
+IOV_MAX = _iov_max()
+
+
+def _groups(buffers: Sequence[memoryview]) -> list[Sequence[memoryview]]:
+    """`buffers` in groups of at most `IOV_MAX`, one ``preadv`` each."""
+    return [buffers[i : i + IOV_MAX] for i in range(0, len(buffers), IOV_MAX)]
+
+
+def _after(buffers: list[memoryview], n: int) -> list[memoryview]:
+    """What of `buffers` is left to fill once a read has filled their first `n` bytes."""
+    i = 0
+    while i < len(buffers) and n >= buffers[i].nbytes:
+        n -= buffers[i].nbytes
+        i += 1
+    rest = buffers[i:]
+    if rest and n:
+        rest[0] = rest[0][n:]
+    return rest
 
 
 class TensorFile(Protocol):
@@ -114,7 +144,13 @@ class MappedFile:
     def read_into(self, offset: int, out: memoryview) -> None:
         """Copy the ``len(out)`` bytes at ``offset`` into ``out`` (a writable, contiguous byte
         buffer) straight from the file: ``preadv`` where the OS has it, else from the mapping."""
-        length = out.nbytes
+        target = out.cast("B")
+        self.read_scattered(offset, [target], target.nbytes)
+
+    def read_scattered(self, offset: int, buffers: Sequence[memoryview], length: int) -> None:
+        """Copy the ``length`` bytes at ``offset`` into ``buffers`` (writable byte buffers of
+        ``length`` bytes together), one after the other: one ``preadv`` for up to ``IOV_MAX``
+        of them, so the bytes can land with gaps between them (padded rows) at no extra cost."""
         if self._closed:
             raise CheckpointError(CLOSED.format(path=self.path))
         if offset < 0 or offset + length > self.size:
@@ -123,21 +159,29 @@ class MappedFile:
             )
         if length == 0:
             return
-        target = out.cast("B")
         if not HAS_PREADV:
-            target[:] = self.bytes_at(offset, length).data
+            for buffer in buffers:
+                buffer[:] = self.bytes_at(offset, buffer.nbytes).data
+                offset += buffer.nbytes
             return
+        groups = [buffers] if len(buffers) <= IOV_MAX else _groups(buffers)
         fd = self._acquire_fd()
         try:
             done = 0
-            while done < length:
-                n = os.preadv(fd, [target[done:]], offset + done)
-                if n <= 0:
-                    raise CheckpointError(
-                        f"{self.path}: the file ended after {offset + done} bytes while reading "
-                        f"{length} bytes at {offset} (it was truncated after it was opened)"
-                    )
-                done += n
+            for group in groups:
+                left = length if len(groups) == 1 else sum(b.nbytes for b in group)
+                while left:
+                    n = os.preadv(fd, group, offset + done)
+                    if n <= 0:
+                        raise CheckpointError(
+                            f"{self.path}: the file ended after {offset + done} bytes while "
+                            f"reading {length} bytes at {offset} (it was truncated after it "
+                            "was opened)"
+                        )
+                    done += n
+                    left -= n
+                    if left:  # a short read (a signal, a network file system): go on
+                        group = _after(list(group), n)
         finally:
             self._release_fd()
 

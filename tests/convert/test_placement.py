@@ -6,6 +6,7 @@ the tensors into chunks; and the bits torch wrote."""
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -116,7 +117,9 @@ def mixed() -> tuple[Mixed, Any, dict[str, torch.Tensor]]:
 
 
 @pytest.mark.parametrize(
-    "chunk, rows", [(None, None), (40, None), (None, 3)], ids=["default", "tiny-chunks", "3-rows"]
+    "chunk, rows, streamed",
+    [(None, None, False), (40, None, False), (None, 3, False), (40, None, True)],
+    ids=["default", "tiny-chunks", "3-rows", "streamed"],
 )
 def test_file_placement_equals_mapped_placement(
     tmp_path: Path,
@@ -124,12 +127,16 @@ def test_file_placement_equals_mapped_placement(
     mixed: Any,
     chunk: int | None,
     rows: int | None,
+    streamed: bool,
 ) -> None:
     model, abstract, state = mixed
     if chunk is not None:  # cut every tensor into many chunks, rows not a multiple
         monkeypatch.setattr(_placement, "DIRECT_CHUNK", chunk)
         monkeypatch.setattr(_placement, "LAYOUT_CHUNK", chunk)
         monkeypatch.setattr(_placement, "AHEAD", 3 * chunk)
+    if streamed:  # as for an accelerator: a window of variables read ahead, put in batches
+        monkeypatch.setattr(_placement, "_stays_on_host", lambda: False)
+        monkeypatch.setattr(_placement, "PUT_BATCH", 2)
     if rows is not None:  # layout chunks of 3 rows at most: ragged, whatever their bytes
         monkeypatch.setattr(_placement, "LAYOUT_ROWS", rows)
     rows_read: list[str] = []
@@ -139,7 +146,13 @@ def test_file_placement_equals_mapped_placement(
         rows_read.append(str(extent.shape))
         read_rows(extent, *args, **kwargs)
 
+    def counted_chunk(chunks: Any, extent: Any, *args: Any, **kwargs: Any) -> Any:
+        rows_read.append(str(extent.shape))
+        return read_chunk(chunks, extent, *args, **kwargs)
+
+    read_chunk = _placement.RowChunks.read
     monkeypatch.setattr(_placement, "read_rows", counted)
+    monkeypatch.setattr(_placement.RowChunks, "read", counted_chunk)
     for fmt in ("safetensors", "bin", "safetensors-index", "bin-index"):
         directory = tmp_path / fmt
         directory.mkdir()
@@ -198,3 +211,28 @@ def test_arrays_adopt_the_read_buffers(tmp_path: Path) -> None:
         m.setattr(_placement.jax, "device_put", spy)
         fr.from_torch(model, path)
     assert seen and all(a == b for a, b in seen)
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["host", "streamed"])
+def test_a_failed_read_raises_and_stops_the_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mixed: Any, streamed: bool
+) -> None:
+    """A chunk that fails (the file cut short under the reader) fails the whole load with its
+    own error, whichever variable it belongs to; no worker is left running."""
+    model, abstract, state = mixed
+    path = _write(tmp_path, "safetensors", state)
+    if streamed:
+        monkeypatch.setattr(_placement, "_stays_on_host", lambda: False)
+    calls: list[int] = []
+    read = _placement.RowChunks.read
+
+    def failing(chunks: Any, extent: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 3:
+            raise fr.io.CheckpointError(f"{path}: the file ended (simulated)")
+        return read(chunks, extent, *args, **kwargs)
+
+    monkeypatch.setattr(_placement.RowChunks, "read", failing)
+    with pytest.raises(fr.io.CheckpointError, match="simulated"):
+        fr.from_torch(model, path, variables=abstract)
+    assert not [t for t in threading.enumerate() if t.name.startswith("from_torch")]

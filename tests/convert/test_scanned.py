@@ -91,8 +91,15 @@ def test_from_a_sharded_directory_one_layer_at_a_time(
         read_rows(found, start, stop, out)
         by_rows[keys[id(found)]] = by_rows.get(keys[id(found)], 0) + out.size
 
+    def chunk(chunks: Any, found: Any, *args: Any) -> np.ndarray:
+        out = read_chunk(chunks, found, *args)
+        by_rows[keys[id(found)]] = by_rows.get(keys[id(found)], 0) + out.size
+        return out
+
+    read_chunk = _placement.RowChunks.read
     monkeypatch.setattr(_placement, "_extent", planned)
     monkeypatch.setattr(_placement, "read_rows", rows)
+    monkeypatch.setattr(_placement.RowChunks, "read", chunk)
     model = ScannedDecoder(C, remat=True)  # nn.scan(nn.remat(Block)): rules follow the MRO
     variables, report = from_torch(
         model, tmp_path, example_inputs=(_ids(),), rules=RULES, tied=TIED

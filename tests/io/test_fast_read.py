@@ -18,7 +18,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from flax_registry.io import CheckpointError, open_checkpoint, owned_empty, read_rows
+from flax_registry.io import (
+    CheckpointError,
+    RowChunks,
+    _mapped,
+    open_checkpoint,
+    owned_empty,
+    read_rows,
+)
 from flax_registry.io._mapped import copy_out
 from tests.io._samples import sample
 
@@ -98,6 +105,61 @@ def test_row_reads_equal_the_mapped_view_and_torch(
                 assert _bits(_by_rows(reader, key, cut)) == expected
 
 
+def _by_chunks(chunks: RowChunks, reader: object, key: str, cut: int, group: int) -> np.ndarray:
+    """The tensor read through `chunks` in chunks of `cut` groups of `group` rows."""
+    extent = reader.extent(key)  # type: ignore[attr-defined]
+    assert extent is not None and extent.shape and extent.shape[0] % group == 0
+    parts = []
+    for a in range(0, extent.shape[0], cut * group):
+        b = min(extent.shape[0], a + cut * group)
+        rows = chunks.read(extent, a, b, group)
+        assert rows.shape == ((b - a) // group, group * int(np.prod(extent.shape[1:])))
+        assert rows.strides[0] >= rows.shape[1] * extent.dtype.itemsize
+        parts.append(rows.reshape((b - a, *extent.shape[1:])).copy())
+    return np.concatenate(parts)
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=IDS)
+def test_padded_row_chunks_equal_torch(tmp_path: Path, fmt: str, dtype: torch.dtype) -> None:
+    """Chunks on a padded pitch (rows of 512 bytes or more at a multiple of 128) and on the
+    plain one, one buffer reused over every shape, any group and cut."""
+    state = {
+        "wide": sample(dtype, (12, 4, 128), 0),  # 512 elements a row: padded for every dtype
+        "odd": sample(dtype, (12, 5, 7), 1),  # 35 elements: never padded
+        "long": sample(dtype, (6, 1024), 2),
+    }
+    path = _write(tmp_path, fmt, state)
+    chunks = RowChunks()
+    with open_checkpoint(path) as reader:
+        for key, t in state.items():
+            for cut, group in ((1, 1), (5, 1), (12, 1), (2, 2), (1, 3), (4, 3)):
+                if t.shape[0] % group == 0:
+                    assert _bits(_by_chunks(chunks, reader, key, cut, group)) == _torch_bits(t)
+        unit = reader.extent("wide").row_bytes
+        assert chunks.read(reader.extent("wide"), 0, 4).strides[0] == unit + 64  # padded
+
+
+def test_scattered_reads_survive_short_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`preadv` may fill fewer bytes than asked (a signal, a network file system), and one call
+    takes at most IOV_MAX buffers: the read goes on where it stopped."""
+    state = {"w": sample(torch.float32, (40, 256), 0)}
+    path = _write(tmp_path, "safetensors", state)
+    preadv = os.preadv
+
+    def short(fd: int, buffers: list[memoryview], offset: int) -> int:
+        assert len(buffers) <= 3
+        return preadv(fd, [buffers[0][:333]], offset)  # at most 333 bytes of one buffer
+
+    monkeypatch.setattr(_mapped, "IOV_MAX", 3)
+    monkeypatch.setattr(_mapped.os, "preadv", short)
+    with open_checkpoint(path) as reader:
+        assert _bits(_by_chunks(RowChunks(), reader, "w", 17, 2)) == _torch_bits(state["w"])
+        assert _bits(_by_rows(reader, "w", 7)) == _torch_bits(state["w"])
+
+
 def _rewrite(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
         for info in zin.infolist():
@@ -107,9 +169,9 @@ def _rewrite(src: Path, dst: Path, replace: dict[str, bytes]) -> None:
 
 def test_big_endian_rows_are_byteswapped(tmp_path: Path) -> None:
     state = {
-        "f": sample(torch.float32, (9, 4), 0),
+        "f": sample(torch.float32, (9, 128), 0),  # 512-byte rows: padded chunks
         "h": sample(torch.bfloat16, (9, 4), 1),
-        "c": sample(torch.complex64, (9, 4), 2),
+        "c": sample(torch.complex64, (9, 64), 2),
         "d": sample(torch.float64, (9,), 3),
     }
     torch.save(state, tmp_path / "le.pt")
@@ -125,6 +187,8 @@ def test_big_endian_rows_are_byteswapped(tmp_path: Path) -> None:
             assert _bits(copy_out(reader.view(key), reader.dtype(key))) == _torch_bits(t)
             assert _bits(reader.read(key)) == _torch_bits(t)
             assert _bits(_by_rows(reader, key, 4)) == _torch_bits(t)
+            if t.dim() == 2:
+                assert _bits(_by_chunks(RowChunks(), reader, key, 2, 3)) == _torch_bits(t)
 
 
 def test_non_canonical_bools_read_as_torch_copies_them(tmp_path: Path) -> None:
