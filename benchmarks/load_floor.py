@@ -217,6 +217,17 @@ def _pretouch(nbytes: int) -> None:
     del block
 
 
+def _stolen_seconds() -> float:
+    """CPU time the hypervisor gave to other guests, all CPUs together (Linux `/proc/stat`
+    steal; 0 elsewhere). On a shared host this varies by the minute: a run that lost most of
+    a core to it says little about a two-thread loader."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def child(approach: str, path: str, size: str) -> None:
     import gc
 
@@ -233,11 +244,14 @@ def child(approach: str, path: str, size: str) -> None:
     if os.environ.get("FR_BENCH_PRETOUCH", "1") == "1":
         _pretouch(Path(path).stat().st_size * 2)
     gc.collect()
+    stolen = _stolen_seconds()
     start, result = APPROACHES[approach](Path(path), size)
     wall = time.perf_counter() - start
+    stolen = _stolen_seconds() - stolen
     cpu = convert._cpu_seconds() - convert._BEGIN["cpu"]
     peak = convert._high_water_mark() if convert._BEGIN["reset"] else convert._peak_rss()
-    print(json.dumps({"wall": wall, "cpu": cpu, "peak": peak, "base": convert._BEGIN["base"]}))
+    base = convert._BEGIN["base"]
+    print(json.dumps({"wall": wall, "cpu": cpu, "peak": peak, "base": base, "steal": stolen}))
     del result
 
 
@@ -268,12 +282,13 @@ def table(
 ) -> None:
     """Each figure as min / median / max. `x floor`: each run's wall time over the floor's run
     of the same round (the runs of a round follow each other, so they share the machine's
-    load); `cpu x floor` the same for the CPU time of the process (every thread)."""
+    load); `cpu x floor` the same for the CPU time of the process (every thread); `steal s`
+    the CPU time the host took from this machine during the run."""
     floors = results["floor"]
     print(f"\n{title} ({fmt}, {size_bytes / 1e9:.2f} GB): min / median / max of each figure")
     header = (
         f"{'approach':<18} {'wall s':>20} {'x floor':>20} {'cpu s':>20} {'cpu x floor':>20} "
-        f"{'extra RSS / file':>20}"
+        f"{'extra RSS / file':>20} {'steal s':>20}"
     )
     print(header)
     print("-" * len(header))
@@ -283,9 +298,10 @@ def table(
         cpus = [r["cpu"] for r in runs]
         cpu_ratios = [r["cpu"] / max(f["cpu"], 1e-9) for r, f in zip(runs, floors)]
         extras = [(r["peak"] - r["base"]) / size_bytes for r in runs]
+        steals = [r.get("steal", 0.0) for r in runs]
         print(
             f"{approach:<18} {spread(walls):>20} {spread(ratios):>20} {spread(cpus):>20} "
-            f"{spread(cpu_ratios):>20} {spread(extras):>20}"
+            f"{spread(cpu_ratios):>20} {spread(extras):>20} {spread(steals):>20}"
         )
 
 
