@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import struct
 import zipfile
 from collections.abc import Iterator
@@ -78,6 +79,9 @@ class ZipArchive:
             self._zip.close()
             raise
         self.entries = {info.filename: info for info in self.infos}
+        self._starts: dict[str, int] = {}
+        # local headers, by pread (no seek, no lock); closed with the archive
+        self._heads = open(path, "rb", buffering=0)  # noqa: SIM115
 
     def _bad(self, problem: str) -> CheckpointError:
         return CheckpointError(ZIP_BAD.format(path=self.path, error=problem))
@@ -187,9 +191,9 @@ class ZipArchive:
                 f"compression method {info.compress_type}; torch.save checkpoints hold stored "
                 "(or deflated) entries only"
             )
-        with open(self.path, "rb") as f:
-            f.seek(info.header_offset)
-            head = f.read(_LOCAL.size)
+        if info.filename in self._starts:
+            return self._starts[info.filename]
+        head = self._local_header(info.header_offset)
         if len(head) != _LOCAL.size or head[:4] != b"PK\x03\x04":
             raise bad("bad local file header")
         fields = _LOCAL.unpack(head)
@@ -199,7 +203,16 @@ class ZipArchive:
                 f"its data ends at byte {start + info.compress_size}, past the end of the file "
                 f"({self.size} bytes): the file is truncated"
             )
+        self._starts[info.filename] = start
         return start
+
+    def _local_header(self, offset: int) -> bytes:
+        """The fixed part of the local file header at `offset` (one read, any thread)."""
+        if hasattr(os, "pread"):
+            return os.pread(self._heads.fileno(), _LOCAL.size, offset)
+        with open(self.path, "rb") as f:
+            f.seek(offset)
+            return f.read(_LOCAL.size)
 
     def read(self, info: zipfile.ZipInfo) -> bytes:
         """The whole (decompressed) entry; zipfile checks its CRC-32."""
@@ -220,6 +233,7 @@ class ZipArchive:
 
     def close(self) -> None:
         self._zip.close()
+        self._heads.close()
 
 
 def _entry_template(name: str) -> str:
