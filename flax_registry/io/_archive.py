@@ -79,7 +79,6 @@ class ZipArchive:
             self._zip.close()
             raise
         self.entries = {info.filename: info for info in self.infos}
-        self._starts: dict[str, int] = {}
         # local headers, by pread (no seek, no lock); closed with the archive
         self._heads = open(path, "rb", buffering=0)  # noqa: SIM115
 
@@ -191,8 +190,6 @@ class ZipArchive:
                 f"compression method {info.compress_type}; torch.save checkpoints hold stored "
                 "(or deflated) entries only"
             )
-        if info.filename in self._starts:
-            return self._starts[info.filename]
         head = self._local_header(info.header_offset)
         if len(head) != _LOCAL.size or head[:4] != b"PK\x03\x04":
             raise bad("bad local file header")
@@ -203,7 +200,6 @@ class ZipArchive:
                 f"its data ends at byte {start + info.compress_size}, past the end of the file "
                 f"({self.size} bytes): the file is truncated"
             )
-        self._starts[info.filename] = start
         return start
 
     def _local_header(self, offset: int) -> bytes:

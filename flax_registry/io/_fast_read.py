@@ -129,19 +129,19 @@ class RowChunks:
             self._rows.clear()
         offset = extent.offset + start * extent.row_bytes
         if pitch == unit:
-            target = [memoryview(self._raw.data)[: count * unit]]  # type: ignore[arg-type]
+            target = [self._raw.data[: count * unit]]
         else:
             target = self._row_views(pitch, unit, count)
         extent.file.read_scattered(offset, target, count * unit)
         block = self._raw[: count * pitch].view(extent.dtype)
         fix_native(block, extent.byteorder)  # the padding's bytes too: harmless
-        per = extent.dtype.itemsize
-        return block.reshape(count, pitch // per)[:, : unit // per]
+        itemsize = extent.dtype.itemsize
+        return block.reshape(count, pitch // itemsize)[:, : unit // itemsize]
 
     def _row_views(self, pitch: int, unit: int, count: int) -> list[memoryview]:
         rows = self._rows.setdefault((pitch, unit), [])
         if len(rows) < count:
-            whole = memoryview(self._raw.data)  # type: ignore[arg-type]
+            whole = self._raw.data
             rows += [whole[i * pitch : i * pitch + unit] for i in range(len(rows), count)]
         return rows[:count]
 

@@ -143,6 +143,7 @@ class TorchZipFile:
         ):
             raise CheckpointError(ZIP_TORCHSCRIPT.format(path=self.path))
         self._storages: dict[str, zipfile.ZipInfo] = {}
+        self._offsets: dict[str, int | None] = {}
         loaded: list[Storage] = []
 
         def load_storage(key: str, storage_type: StorageType, numel: int) -> Storage:
@@ -169,7 +170,6 @@ class TorchZipFile:
                 register(key, t)
         for storage in loaded:
             self._check_record_size(storage)
-        self._offsets: dict[str, int | None] = {}
         self._verified: set[str] = set()
 
     def _check_records(self) -> str:
@@ -211,9 +211,9 @@ class TorchZipFile:
             name = f"{self._prefix}/data/{key}"
             raise CheckpointError(ZIP_MISSING_STORAGE.format(path=self.path, key=key, entry=name))
         assert storage_type.dtype is not None  # the unpickler refuses TypedStorage
-        if info.compress_size:
-            self._archive.data_start(info)  # what torch checks before reading a record
         self._storages[key] = info
+        if info.compress_size:
+            self._storage_offset(key)  # what torch checks before reading a record (kept)
         return Storage(key, storage_type, numel * storage_type.dtype.itemsize)
 
     def _check_record_size(self, storage: Storage) -> None:
