@@ -20,6 +20,7 @@ import numpy as np
 from .. import _messages as messages
 from .. import _nested
 from .._frontend import frontend_of
+from .._gc_pause import gc_paused
 from .._patterns import as_patterns, matches_any
 from ._checks import explain, incomplete
 from ._dtypes import DtypePolicy, resolve_dtype
@@ -85,6 +86,7 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
+@gc_paused
 def from_torch(
     module: Any,
     source: Any,
@@ -156,6 +158,7 @@ def from_torch(
     it raises; `strict=True` raises in PyTorch's format for missing, unexpected and
     size-mismatched keys, while `strict=False` returns them in the report (PyTorch raises on a
     size mismatch even then) but still refuses to leave a variable abstract.
+    Python's cyclic garbage collector is paused while it runs (`_gc_pause`).
 
     Args:
         module: the Flax model definition (unbound).
