@@ -45,6 +45,11 @@ _FLAX_ORDER: dict[type, tuple[str, ...]] = {
     nn.RMSNorm: ("scale",),
 }
 
+# Flax's own layers that hold no submodule (their fields are numbers, dtypes and functions;
+# `nn.Embed`'s setup only declares its table): their setup need not run to list children.
+# An exact type only: a subclass may define a setup that makes some.
+_NO_SUBMODULES: frozenset[type] = frozenset({*_FLAX_ORDER, nn.Dropout, nn.InstanceNorm})
+
 # Module trees built, or re-filled from the structure cache (`structure`): a test checks that
 # each public call reads one tree.
 BUILDS = {"count": 0}
@@ -257,6 +262,12 @@ class _TorchView:
         self.target = target
         self.nodes = _index(root, {})
         self.done: set[int] = set()
+        # the compact layers each scope called, in call order (the records `_children` adds
+        # later are setup attributes, which it has placed already)
+        self.called: dict[tuple[str, ...], list[str]] = {}
+        for path in records:
+            if path:
+                self.called.setdefault(tuple(path[:-1]), []).append(path[-1])
 
     def fill(self, node: Node) -> None:
         if id(node) in self.done:
@@ -282,7 +293,9 @@ class _TorchView:
         ordered: list[tuple[str, Node]] = []
         seen: set[str] = set()
         if mod is not None:
-            if mod.scope is not None:  # a bound module: make sure its setup() ran
+            if mod.scope is not None and type(mod) not in _NO_SUBMODULES:
+                # a bound module: make sure its setup() ran (flax's registers each field of
+                # each layer: for BERT-large's 200 flax layers, a third of a conversion's plan)
                 mod._try_setup()
             for torch_name, attribute, sub in attribute_children(mod):
                 if sub.name is None:
@@ -295,8 +308,7 @@ class _TorchView:
                     ordered.append((torch_name, scopes[sub.name]))
                 elif path != own and path in self.nodes:  # shared with another parent
                     ordered.append((attribute, self.nodes[path]))
-        depth = len(node.path) + 1
-        called = [p[-1] for p in self.records if len(p) == depth and p[:-1] == node.path]
+        called = self.called.get(node.path, [])
         for name in [*called, *scopes]:  # compact layers: the order they were called in
             if name in scopes and name not in seen:
                 seen.add(name)

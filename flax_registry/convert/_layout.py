@@ -8,6 +8,7 @@ is bit-identical. `copy_tiled` moves data between layouts in cache-sized tiles (
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -52,9 +53,7 @@ class Layout:
 
     def torch_shape(self, flax_shape: Sequence[int]) -> tuple[int, ...]:
         split = self.split_shape(flax_shape)
-        return tuple(
-            int(np.prod([split[a] for a in g], dtype=np.int64)) for g in self.groups(len(split))
-        )
+        return tuple(math.prod(split[a] for a in g) for g in self.groups(len(split)))
 
     def to_flax(self, tensor: np.ndarray, flax_shape: Sequence[int]) -> np.ndarray:
         """The flax-layout view (or copy, where a reshape needs one) of a torch-layout array."""
