@@ -49,6 +49,24 @@ def test_from_torch_runs_without_the_collector_and_restores_it() -> None:
     np.testing.assert_array_equal(variables["params"]["weight"], STATE["weight"])
 
 
+def test_to_torch_runs_without_the_collector(monkeypatch: pytest.MonkeyPatch) -> None:
+    from flax_registry.convert import _export
+
+    seen: list[bool] = []
+    original = _export._export
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(gc.isenabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(_export, "_export", recording)
+    layer = nn.Linear(3, 2)
+    variables, _ = fr.from_torch(layer, STATE, variables=fr.abstract_variables(layer))
+    exported = fr.to_torch(layer, variables)
+    assert seen == [False, False] and gc.isenabled()
+    np.testing.assert_array_equal(exported["weight"], STATE["weight"])
+
+
 def test_a_failed_load_restores_the_collector() -> None:
     layer = nn.Linear(3, 2)
     with pytest.raises(RuntimeError, match="Missing key"):
