@@ -13,15 +13,10 @@ it was on when the first began.
 
 from __future__ import annotations
 
-import functools
 import gc
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import ParamSpec, TypeVar
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
 
 _lock = threading.Lock()
 _state = {"depth": 0, "was_enabled": False}
@@ -30,7 +25,8 @@ _state = {"depth": 0, "was_enabled": False}
 @contextmanager
 def collection_paused() -> Iterator[None]:
     """No cyclic garbage collection inside the block (the state before it comes back after,
-    on error too); cycles made inside are collected by the collector's next pass after."""
+    on error too); cycles made inside are collected by the collector's next pass after. Also a
+    decorator: `@collection_paused()` pauses it for each call."""
     with _lock:
         if _state["depth"] == 0:
             _state["was_enabled"] = gc.isenabled()
@@ -43,14 +39,3 @@ def collection_paused() -> Iterator[None]:
             _state["depth"] -= 1
             if _state["depth"] == 0 and _state["was_enabled"]:
                 gc.enable()
-
-
-def gc_paused(function: Callable[_P, _R]) -> Callable[_P, _R]:
-    """`function` run inside `collection_paused()`."""
-
-    @functools.wraps(function)
-    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with collection_paused():
-            return function(*args, **kwargs)
-
-    return wrapper

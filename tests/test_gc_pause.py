@@ -38,6 +38,19 @@ def _recording_renames(seen: list[bool]):  # type: ignore[no-untyped-def]
     return rename
 
 
+def _record_collector(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[bool]:
+    """Whether the collector was on at each call of `owner.name` (patched for the test)."""
+    seen: list[bool] = []
+    original = getattr(owner, name)
+
+    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
+        seen.append(gc.isenabled())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, recording)
+    return seen
+
+
 def test_from_torch_runs_without_the_collector_and_restores_it() -> None:
     seen: list[bool] = []
     layer = nn.Linear(3, 2)
@@ -52,14 +65,7 @@ def test_from_torch_runs_without_the_collector_and_restores_it() -> None:
 def test_to_torch_runs_without_the_collector(monkeypatch: pytest.MonkeyPatch) -> None:
     from flax_registry.convert import _export
 
-    seen: list[bool] = []
-    original = _export._export
-
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(gc.isenabled())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(_export, "_export", recording)
+    seen = _record_collector(monkeypatch, _export, "_export")
     layer = nn.Linear(3, 2)
     variables, _ = fr.from_torch(layer, STATE, variables=fr.abstract_variables(layer))
     exported = fr.to_torch(layer, variables)
@@ -86,14 +92,7 @@ def test_open_checkpoint_pauses_the_collector(
 ) -> None:
     path = tmp_path / "model.safetensors"
     io.save_safetensors(STATE, path)
-    seen: list[bool] = []
-    original = _reader._open_file
-
-    def recording(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(gc.isenabled())
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(_reader, "_open_file", recording)
+    seen = _record_collector(monkeypatch, _reader, "_open_file")
     with io.open_checkpoint(path) as reader:
         assert sorted(reader) == ["bias", "weight"]
     assert seen == [False] and gc.isenabled()

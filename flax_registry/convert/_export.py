@@ -14,7 +14,7 @@ import numpy as np
 from .. import _nested
 from .._arrays import numpy_to_torch
 from .._frontend import frontend_of
-from .._gc_pause import gc_paused
+from .._gc_pause import collection_paused
 from ._plan import Entry, Plan, make_plan
 from ._report import LoadReport
 from ._rules import Rules
@@ -42,7 +42,7 @@ def _export(plan: Plan, e: Entry, variables: Mapping[str, Any]) -> np.ndarray:
     return array if array.flags.writeable else array.copy()
 
 
-@gc_paused
+@collection_paused()
 def to_torch(
     module: Any,
     variables: Mapping[str, Any] | None = None,

@@ -20,7 +20,7 @@ import numpy as np
 from .. import _messages as messages
 from .. import _nested
 from .._frontend import frontend_of
-from .._gc_pause import gc_paused
+from .._gc_pause import collection_paused
 from .._patterns import as_patterns, matches_any
 from ._checks import explain, incomplete
 from ._dtypes import DtypePolicy, resolve_dtype
@@ -86,7 +86,7 @@ def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
     return a.shape == b.shape and a.dtype == b.dtype and a.tobytes() == b.tobytes()
 
 
-@gc_paused
+@collection_paused()
 def from_torch(
     module: Any,
     source: Any,

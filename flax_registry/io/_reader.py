@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from .._gc_pause import gc_paused
+from .._gc_pause import collection_paused
 from ._errors import (
     CLOSED,
     DIR_AMBIGUOUS,
@@ -306,7 +306,7 @@ def _open_index(path: Path) -> CheckpointReader:
     return reader
 
 
-@gc_paused
+@collection_paused()
 def open_checkpoint(path: str | PathLike[str], *, entry: str | None = None) -> CheckpointReader:
     """Open a checkpoint for lazy, read-only access by tensor name.
 

@@ -22,7 +22,7 @@ import jax
 import optax
 
 from .._frontend import ModuleDef
-from .._gc_pause import gc_paused
+from .._gc_pause import collection_paused
 from .._patterns import Patterns
 from ..convert import from_torch, to_torch
 from ._labels import DEFAULT, group_list
@@ -66,7 +66,7 @@ _UNUSED_SCHEDULER = (
 )
 
 
-@gc_paused
+@collection_paused()
 def from_torch_checkpoint(
     checkpoint: str | os.PathLike[str] | Mapping[str, Any],
     module: ModuleDef,
