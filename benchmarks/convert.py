@@ -376,6 +376,7 @@ def child(approach: str, path: str, size: str) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import transformers  # noqa: F401
     jax.devices()
+    _warm_page_cache(Path(path))  # the host may have reclaimed some of it since the last run
     gc.collect()
     base = _rss_now()
 

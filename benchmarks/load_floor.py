@@ -1,11 +1,15 @@
 """Loading a checkpoint against the speed of memory, with the peers, in the same run.
 
 Builds a BERT-large-sized checkpoint (~335M float32 parameters, ~1.34 GB) as safetensors and
-as a torch `.bin` (`benchmarks/convert.py`), warms the page cache, then measures each approach
-`--repeat` times, each run in a fresh process (interleaved: run 1 of every approach, then run
-2, ..., so that the machine's load drifts over all of them alike). Wall time is the load alone
-(imports and model construction excluded), every array ready; `extra` is the RSS high-water
-mark during the load minus the RSS before it (Linux VmHWM, reset after imports), over the file.
+as a torch `.bin` (`benchmarks/convert.py`), then measures each approach `--repeat` times, each
+run in a fresh process (interleaved: run 1 of every approach, then run 2, ..., so that the
+machine's load drifts over all of them alike). Each process reads the file once right before
+its measurement, so every run finds it whole in the OS page cache: the host of a virtual
+machine may reclaim a guest's page cache while it is idle (on this project's VMs, about 3% of
+a 1.3 GB file every 30 s, with 20 GB free), and a run would re-read that part from disk, at
+random. Wall time is the load alone (imports and model construction excluded), every array
+ready; `extra` is the RSS high-water mark during the load minus the RSS before it (Linux
+VmHWM, reset after imports), over the file.
 
 Torch-layout target (`fr.nn` layers keep torch's layouts: no transposes):
 
@@ -241,6 +245,7 @@ def child(approach: str, path: str, size: str) -> None:
     if approach == "orbax v1":
         from orbax.checkpoint import v1  # noqa: F401
     jax.devices()
+    convert._warm_page_cache(Path(path))  # whole in the page cache (see the module's docstring)
     if os.environ.get("FR_BENCH_PRETOUCH", "1") == "1":
         _pretouch(Path(path).stat().st_size * 2)
     gc.collect()
