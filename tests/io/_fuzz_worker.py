@@ -10,7 +10,7 @@ one line naming the file (refused) or 0 (read). A hang (faulthandler timer), a c
 or a memory blow-up (RLIMIT_AS, peak RSS) ends the process with a non-zero status and the
 case on stderr.
 
-usage: python _fuzz_worker.py WORKDIR EXAMPLES_PER_FORMAT
+usage: python _fuzz_worker.py WORKDIR EXAMPLES_PER_FORMAT [torch|safetensors]  (default: both)
 """
 
 from __future__ import annotations
@@ -317,6 +317,7 @@ def check(path: Path, blob: bytes) -> None:
 
 def main() -> None:
     workdir, examples = Path(sys.argv[1]), int(sys.argv[2])
+    formats = sys.argv[3:] or ["torch", "safetensors"]
     faulthandler.enable()
     torch_seeds = _torch_seeds(workdir)
     st_seeds = _safetensors_seeds(workdir)
@@ -357,8 +358,8 @@ def main() -> None:
         check(workdir / "case.safetensors", _mutate_safetensors(data, seed))
 
     start = time.perf_counter()
-    fuzz_torch()
-    fuzz_safetensors()
+    for name in formats:
+        {"torch": fuzz_torch, "safetensors": fuzz_safetensors}[name]()
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline
     print(
         json.dumps(
