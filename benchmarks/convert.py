@@ -376,7 +376,7 @@ def child(approach: str, path: str, size: str) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         import transformers  # noqa: F401
     jax.devices()
-    _warm_page_cache(Path(path))  # the host may have reclaimed some of it since the last run
+    _warm_page_cache(Path(path))  # every run reads from the OS page cache (see load_floor.py)
     gc.collect()
     base = _rss_now()
 
@@ -407,6 +407,8 @@ def measure(approach: str, path: Path, size: str) -> dict[str, float]:
 
 
 def _warm_page_cache(path: Path) -> None:
+    """Read the file once, so that a load finds it whole in the OS page cache. Each child does
+    it right before its measurement: a VM's host may reclaim idle guest page cache."""
     with open(path, "rb", buffering=0) as f:
         while f.read(64 << 20):
             pass
@@ -442,7 +444,6 @@ def main() -> None:
         print("-" * len(header))
         for fmt, path in paths.items():
             size = path.stat().st_size
-            _warm_page_cache(path)  # every approach then reads from the OS page cache
             results = {}
             for approach in args.approaches:
                 runs = [measure(approach, path, args.size) for _ in range(args.repeat)]

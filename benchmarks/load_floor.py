@@ -344,7 +344,6 @@ def main() -> None:
         )
         for fmt in args.formats:
             path = paths[fmt]
-            convert._warm_page_cache(path)
             for target in args.targets:
                 names = TORCH_LAYOUT if target == "torch" else FLAX_LAYOUT
                 skip = BIN_ONLY if fmt == "safetensors" else SAFETENSORS_ONLY

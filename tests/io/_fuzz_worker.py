@@ -357,9 +357,10 @@ def main() -> None:
         seed = st_seeds[data.draw(st.integers(0, len(st_seeds) - 1))]
         check(workdir / "case.safetensors", _mutate_safetensors(data, seed))
 
+    fuzzers = {"torch": fuzz_torch, "safetensors": fuzz_safetensors}
     start = time.perf_counter()
     for name in formats:
-        {"torch": fuzz_torch, "safetensors": fuzz_safetensors}[name]()
+        fuzzers[name]()
     grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - baseline
     print(
         json.dumps(
